@@ -1,0 +1,215 @@
+"""The one configuration tree.
+
+Frozen dataclasses validated on construction; messages name the dotted path of the bad value
+(``smooth.alpha must be in [0, 1], got 1.5``). The CLI maps its flags onto this tree
+(``onnx_mptq.cli``), and ``Config.from_dict`` reads the same tree from JSON, refusing unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Providers(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ShiftMode(str, enum.Enum):
+    MEAN = "mean"
+    MIDPOINT = "midpoint"
+
+
+class FoldFallback(str, enum.Enum):
+    """What SQ-b does where folding into the LayerNorm is not exact."""
+
+    EXPLICIT = "explicit"  # insert shift/scale ops on the Linear branch only
+    SKIP = "skip"
+
+
+class ScaleMethod(str, enum.Enum):
+    """How a quantizer's step is chosen."""
+
+    OUTPUT_MSE = "mse"  # grid search minimising the consuming layer's output error
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+def _check(cond: bool, path: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{path} {msg}, got {value!r}")
+
+
+def _bits_ok(b: Any) -> bool:
+    return isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    providers: Providers = Providers.AUTO
+    threads: int = 0  # 0 = ONNX Runtime's default
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.threads, int) and self.threads >= 0, "runtime.threads", "must be an integer >= 0", self.threads)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "runtime.batch_size", "must be an integer >= 1", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    limit: int | None = None  # use at most this many calibration samples
+    batch_size: int = 16
+    tokens_per_layer: int = 4096  # rows of each layer input kept for the scale search
+
+    def __post_init__(self) -> None:
+        _check(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "calib.limit", "must be an integer >= 1", self.limit)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "calib.batch_size", "must be an integer >= 1", self.batch_size)
+        _check(isinstance(self.tokens_per_layer, int) and self.tokens_per_layer >= 16, "calib.tokens_per_layer", "must be an integer >= 16", self.tokens_per_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothConfig:
+    enabled: bool = True
+    alpha: float = 0.5
+    shift: ShiftMode = ShiftMode.MEAN
+    alpha_search: bool = False
+    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    fallback: FoldFallback = FoldFallback.EXPLICIT
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0, "smooth.alpha", "must be in [0, 1]", self.alpha)
+        _check(len(self.alpha_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.alpha_grid), "smooth.alpha_grid", "must be a non-empty list of values in [0, 1]", self.alpha_grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    input_bits: int = 8  # the image entering the patch embedding
+    act_symmetric: bool = False
+    scale_method: ScaleMethod = ScaleMethod.OUTPUT_MSE
+    percentile: float = 99.99
+    grid_size: int = 100  # candidate steps in [grid_low, grid_high] x max-based step
+    grid_low: float = 0.01
+    grid_high: float = 1.2
+    optm: bool = True
+    optm_max_m: int = 12
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "input_bits"):
+            v = getattr(self, name)
+            _check(_bits_ok(v), f"quant.{name}", "must be an integer from 2 to 8", v)
+        _check(50.0 < self.percentile <= 100.0, "quant.percentile", "must be in (50, 100]", self.percentile)
+        _check(isinstance(self.grid_size, int) and self.grid_size >= 2, "quant.grid_size", "must be an integer >= 2", self.grid_size)
+        _check(0.0 < self.grid_low < self.grid_high, "quant.grid_low", "must be > 0 and below quant.grid_high", self.grid_low)
+        _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedConfig:
+    enabled: bool = False
+    target_bits: float | None = None
+    target_size_mb: float | None = None
+    candidates: tuple[int, ...] = (4, 5, 6, 8)
+    keep: tuple[str, ...] = ()  # "BITS:GLOB" pins, e.g. "8:*head*"
+    subset: int = 32  # calibration samples used to measure sensitivity
+
+    def __post_init__(self) -> None:
+        _check(len(self.candidates) > 0 and all(_bits_ok(b) for b in self.candidates), "mixed.candidates", "must be integers from 2 to 8", self.candidates)
+        _check(len(set(self.candidates)) == len(self.candidates), "mixed.candidates", "must not repeat", self.candidates)
+        if self.target_bits is not None:
+            _check(isinstance(self.target_bits, (int, float)) and 2.0 <= self.target_bits <= 8.0, "mixed.target_bits", "must be in [2, 8]", self.target_bits)
+        if self.target_size_mb is not None:
+            _check(isinstance(self.target_size_mb, (int, float)) and self.target_size_mb > 0, "mixed.target_size_mb", "must be > 0", self.target_size_mb)
+        if self.enabled:
+            _check(self.target_bits is not None or self.target_size_mb is not None, "mixed.target_bits", "(or mixed.target_size_mb) is required with mixed precision", None)
+        for k in self.keep:
+            bits, sep, pattern = str(k).partition(":")
+            _check(bool(sep) and bits.isdigit() and _bits_ok(int(bits)) and bool(pattern), "mixed.keep", "entries must look like BITS:GLOB with BITS from 2 to 8", k)
+        _check(isinstance(self.subset, int) and self.subset >= 1, "mixed.subset", "must be an integer >= 1", self.subset)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+    smooth: SmoothConfig = dataclasses.field(default_factory=SmoothConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    mixed: MixedConfig = dataclasses.field(default_factory=MixedConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0", self.seed)
+
+    def to_dict(self) -> dict:
+        def plain(v: Any) -> Any:
+            if dataclasses.is_dataclass(v):
+                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, enum.Enum):
+                return v.value
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+
+        return plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        return _build(cls, data, "")
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(data):
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!s} (known: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        tp = hints[key]
+        path = f"{prefix}{key}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path + ".")
+            continue
+        kwargs[key] = _coerce(tp, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in tp)
+            raise ConfigError(f"{path} must be one of {allowed}, got {value!r}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, path) for v in value)
+    if origin in (typing.Union, __import__("types").UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, path)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    return value
