@@ -1,0 +1,1044 @@
+"""Pure pattern matching of ViT-family graphs: quantizable units, LayerNorms, activations.
+
+Analysis never mutates the graph. It returns a :class:`ModelAnalysis` record that names, for an
+arbitrary ViT / DeiT / Swin-style ONNX graph:
+
+* every quantizable unit: each Linear (``MatMul`` or ``Gemm`` whose weight is a constant, seen
+  through Identity / Transpose / Reshape of constants), the patch-embedding ``Conv``, and the two
+  attention matmuls (``Q @ K^T`` and ``P @ V``), with a role (qkv, q, k, v, proj, fc1, fc2, head,
+  patch_embed, reduction, attn_qk, attn_av, linear);
+* the LayerNorm feeding a unit (the ``LayerNormalization`` op or its decomposed form
+  ``ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add``), seen through channel-preserving
+  data movement (Reshape keeping the last dimension, Transpose keeping the last axis, Slice /
+  Gather / Pad / Concat on other axes);
+* the activation in front of a unit (GELU as the op, its erf form or tanh form, ReLU, Softmax);
+* for each LayerNorm, whether SQ-b can be folded into it exactly, and if not, why.
+
+Structure is recovered from the graph's data flow only, never from node names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedModelError
+from ..records import Record
+from .io import assign_node_names, graph_digest, opset_of
+
+
+class Role(str, enum.Enum):
+    QKV = "qkv"
+    Q = "q"
+    K = "k"
+    V = "v"
+    PROJ = "proj"
+    FC1 = "fc1"
+    FC2 = "fc2"
+    HEAD = "head"
+    PATCH_EMBED = "patch_embed"
+    REDUCTION = "reduction"
+    ATTN_QK = "attn_qk"
+    ATTN_AV = "attn_av"
+    LINEAR = "linear"  # a Linear that matches no known role
+
+
+class Activation(str, enum.Enum):
+    GELU = "gelu"  # the Gelu op (exact)
+    GELU_ERF = "gelu_erf"  # decomposed: x * 0.5 * (1 + erf(x / sqrt 2))
+    GELU_TANH = "gelu_tanh"  # tanh approximation (op attribute or decomposed)
+    GELU_SIGMOID = "gelu_sigmoid"  # x * sigmoid(1.702 x)
+    RELU = "relu"
+    SOFTMAX = "softmax"
+
+
+GELU_KINDS = frozenset({Activation.GELU, Activation.GELU_ERF, Activation.GELU_TANH, Activation.GELU_SIGMOID})
+LINEAR_ROLES = frozenset(
+    {Role.QKV, Role.Q, Role.K, Role.V, Role.PROJ, Role.FC1, Role.FC2, Role.HEAD, Role.PATCH_EMBED, Role.REDUCTION, Role.LINEAR}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One quantizable layer."""
+
+    name: str  # the node's name (unique after analysis assigns missing names)
+    op_type: str  # MatMul | Gemm | Conv
+    role: Role
+    inputs: tuple[str, ...]  # activation tensors quantized in front of the node (1, or 2 for attention)
+    weight: str | None = None  # constant tensor holding the weight (after Identity resolution)
+    weight_input: str | None = None  # the tensor the node reads as its weight (may be a Transpose output)
+    weight_transposed: bool = False  # effective (K, N) weight = W^T of the stored constant
+    bias: str | None = None  # constant bias tensor (Gemm's C or the Add that follows a MatMul)
+    bias_node: str | None = None  # the Add node carrying the bias of a MatMul
+    in_features: int | None = None
+    out_features: int | None = None
+    layernorm: str | None = None  # name of the LayerNorm feeding this unit
+    activation: Activation | None = None  # activation in front of the first input
+    block: int | None = None
+    output: str = ""  # the unit's output (after its bias for MatMul+Add)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.role in LINEAR_ROLES and self.op_type != "Conv"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormInfo:
+    name: str  # LayerNormalization node name, or the first node of a decomposed form
+    form: str  # "op" | "decomposed"
+    input: str
+    output: str
+    nodes: tuple[str, ...]
+    gamma: str | None  # constant tensor (None if absent or not constant)
+    beta: str | None
+    gamma_node: str | None  # decomposed form: the Mul applying gamma
+    beta_node: str | None  # decomposed form: the Add applying beta
+    axis_last: bool
+    epsilon: float
+    channels: int | None
+    consumers: tuple[str, ...]  # units fed (as activation input) through channel-preserving ops
+    foldable: bool
+    reason: str | None  # why SQ-b cannot be folded exactly, when not foldable
+    other_consumers: tuple[str, ...] = ()  # nodes (not quantizable Linears) that also read the output
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAnalysis(Record):
+    KIND = "model_analysis"
+    SCHEMA_VERSION = 1
+
+    model_digest: str
+    opset: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    units: tuple[Unit, ...]
+    layernorms: tuple[LayerNormInfo, ...]
+    notes: tuple[str, ...] = ()
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def layernorm(self, name: str) -> LayerNormInfo:
+        for ln in self.layernorms:
+            if ln.name == name:
+                return ln
+        raise KeyError(name)
+
+    def by_role(self, *roles: Role) -> tuple[Unit, ...]:
+        return tuple(u for u in self.units if u.role in roles)
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for u in self.units:
+            counts[u.role.value] = counts.get(u.role.value, 0) + 1
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# graph view
+
+_SHAPE_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Dropout"}
+_SELECT_OPS = {"Slice", "Gather", "Split", "Concat", "Pad"}
+
+
+class GraphView:
+    """Read-only helpers over a graphsurgeon graph: producers, consumers, constant values."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.tensors = graph.tensors()
+        self.output_names = {t.name for t in graph.outputs}
+        self.input_names = {t.name for t in graph.inputs}
+        self.nodes = list(graph.nodes)
+        self.order = {id(n): i for i, n in enumerate(self.nodes)}
+        self._const_cache: dict[str, np.ndarray | None] = {}
+
+    def producer(self, t: gs.Tensor) -> gs.Node | None:
+        return t.inputs[0] if len(t.inputs) else None
+
+    def consumers(self, t: gs.Tensor) -> list[gs.Node]:
+        return list(t.outputs)
+
+    def const(self, t: gs.Tensor | None, depth: int = 0) -> np.ndarray | None:
+        """Value of a tensor computable from constants alone (small ops only), else None."""
+        if t is None or depth > 8:
+            return None
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        if t.name in self._const_cache:
+            return self._const_cache[t.name]
+        val: np.ndarray | None = None
+        node = self.producer(t)
+        if node is not None:
+            op = node.op
+            if op == "Constant":
+                v = node.attrs.get("value")
+                if isinstance(v, gs.Constant):
+                    val = np.asarray(v.values)
+                elif v is not None:
+                    val = np.asarray(v)
+                elif "value_float" in node.attrs:
+                    val = np.asarray(node.attrs["value_float"], dtype=np.float32)
+                elif "value_int" in node.attrs:
+                    val = np.asarray(node.attrs["value_int"], dtype=np.int64)
+                elif "value_ints" in node.attrs:
+                    val = np.asarray(node.attrs["value_ints"], dtype=np.int64)
+                elif "value_floats" in node.attrs:
+                    val = np.asarray(node.attrs["value_floats"], dtype=np.float32)
+            elif op in ("Identity", "Cast") and node.inputs:
+                src = self.const(node.inputs[0], depth + 1)
+                if src is not None and op == "Cast":
+                    to = node.attrs.get("to")
+                    try:
+                        src = src.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+                    except Exception:
+                        src = None
+                val = src
+            elif op == "Transpose" and node.inputs:
+                src = self.const(node.inputs[0], depth + 1)
+                if src is not None:
+                    perm = node.attrs.get("perm")
+                    val = np.transpose(src, perm) if perm is not None else src.T
+            elif op == "Reshape" and len(node.inputs) >= 2:
+                src = self.const(node.inputs[0], depth + 1)
+                shape = self.const(node.inputs[1], depth + 1)
+                if src is not None and shape is not None:
+                    shape = [int(s) if s != 0 else src.shape[i] for i, s in enumerate(shape.tolist())]
+                    try:
+                        val = src.reshape(shape)
+                    except ValueError:
+                        val = None
+        self._const_cache[t.name] = val
+        return val
+
+    def const_source(self, t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
+        """The initializer a constant tensor comes from and the nodes in between."""
+        chain: list[gs.Node] = []
+        cur = t
+        for _ in range(8):
+            if isinstance(cur, gs.Constant):
+                return cur, chain
+            node = self.producer(cur)
+            if node is None or node.op not in ("Identity", "Transpose", "Reshape") or not node.inputs:
+                return None, chain
+            chain.append(node)
+            cur = node.inputs[0]
+        return None, chain
+
+    def is_const(self, t: gs.Tensor) -> bool:
+        return self.const(t) is not None
+
+    def only_consumer(self, t: gs.Tensor) -> gs.Node | None:
+        cons = self.consumers(t)
+        return cons[0] if len(cons) == 1 and t.name not in self.output_names else None
+
+    def non_const_inputs(self, node: gs.Node) -> list[gs.Tensor]:
+        return [i for i in node.inputs if i.name and not self.is_const(i)]
+
+    def static_last_dim(self, t: gs.Tensor) -> int | None:
+        shape = getattr(t, "shape", None)
+        if shape is None or len(shape) == 0:
+            return None
+        d = shape[-1]
+        return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+def _scalar(v: np.ndarray | None) -> float | None:
+    if v is None or v.size != 1:
+        return None
+    return float(v.reshape(-1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm recognition
+
+
+@dataclasses.dataclass
+class _LN:
+    name: str
+    form: str
+    input: gs.Tensor
+    output: gs.Tensor
+    nodes: list[gs.Node]
+    gamma: gs.Tensor | None
+    beta: gs.Tensor | None
+    gamma_node: gs.Node | None
+    beta_node: gs.Node | None
+    axis_last: bool
+    epsilon: float
+
+
+def _reduce_axes(view: GraphView, node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1:
+        v = view.const(node.inputs[1])
+        return None if v is None else [int(a) for a in v.reshape(-1)]
+    return None
+
+
+def _find_layernorms(view: GraphView) -> list[_LN]:
+    found: list[_LN] = []
+    for node in view.nodes:
+        if node.op == "LayerNormalization":
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            axis = int(node.attrs.get("axis", -1))
+            axis_last = axis == -1 or (rank is not None and axis == rank - 1)
+            gamma = node.inputs[1] if len(node.inputs) > 1 else None
+            beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            found.append(
+                _LN(node.name, "op", node.inputs[0], node.outputs[0], [node], gamma, beta, None, None, axis_last,
+                    float(node.attrs.get("epsilon", 1e-5)))
+            )
+        elif node.op == "Div":
+            ln = _match_decomposed(view, node)
+            if ln is not None:
+                found.append(ln)
+    return found
+
+
+def _match_decomposed(view: GraphView, div: gs.Node) -> _LN | None:
+    """Div(Sub(x, ReduceMean(x)), Sqrt(Add(ReduceMean(Pow(Sub, 2)), eps))) [* gamma] [+ beta]."""
+    if len(div.inputs) != 2:
+        return None
+    sub = view.producer(div.inputs[0])
+    sqrt = view.producer(div.inputs[1])
+    if sub is None or sqrt is None or sub.op != "Sub" or sqrt.op != "Sqrt":
+        return None
+    mean1 = view.producer(sub.inputs[1])
+    if mean1 is None or mean1.op != "ReduceMean" or mean1.inputs[0] is not sub.inputs[0]:
+        return None
+    x = sub.inputs[0]
+    add_eps = view.producer(sqrt.inputs[0])
+    if add_eps is None or add_eps.op != "Add":
+        return None
+    eps_val = None
+    var_t = None
+    for a, b in ((0, 1), (1, 0)):
+        v = view.const(add_eps.inputs[b])
+        if v is not None:
+            eps_val, var_t = _scalar(v), add_eps.inputs[a]
+    if var_t is None:
+        return None
+    mean2 = view.producer(var_t)
+    if mean2 is None or mean2.op != "ReduceMean":
+        return None
+    sq = view.producer(mean2.inputs[0])
+    if sq is None:
+        return None
+    if sq.op == "Pow":
+        if sq.inputs[0] is not sub.outputs[0] or _scalar(view.const(sq.inputs[1])) != 2.0:
+            return None
+    elif sq.op == "Mul":
+        if not (sq.inputs[0] is sub.outputs[0] and sq.inputs[1] is sub.outputs[0]):
+            return None
+    else:
+        return None
+    axes1, axes2 = _reduce_axes(view, mean1), _reduce_axes(view, mean2)
+    rank = len(x.shape) if x.shape is not None else None
+    def last_only(axes: list[int] | None) -> bool:
+        return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+    axis_last = last_only(axes1) and last_only(axes2)
+    nodes = [mean1, sub, sq, mean2, add_eps, sqrt, div]
+    out = div.outputs[0]
+    gamma = beta = None
+    gamma_node = beta_node = None
+    nxt = view.only_consumer(out)
+    if nxt is not None and nxt.op == "Mul":
+        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
+        if view.is_const(other):
+            gamma, gamma_node = other, nxt
+            nodes.append(nxt)
+            out = nxt.outputs[0]
+            nxt = view.only_consumer(out)
+    if nxt is not None and nxt.op == "Add":
+        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
+        if view.is_const(other):
+            beta, beta_node = other, nxt
+            nodes.append(nxt)
+            out = nxt.outputs[0]
+    return _LN(mean1.name, "decomposed", x, out, nodes, gamma, beta, gamma_node, beta_node, axis_last,
+               float(eps_val if eps_val is not None else 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+
+def _gelu_tail(view: GraphView, start: gs.Node, x: gs.Tensor) -> gs.Tensor | None:
+    """Walk forward from erf/tanh through the (1 + .) * x * 0.5 chain; return GELU's output."""
+    cur = start.outputs[0]
+    used_x = False
+    last: gs.Tensor | None = None
+    for _ in range(4):
+        node = view.only_consumer(cur)
+        if node is None or node.op not in ("Add", "Mul", "Div"):
+            break
+        others = [i for i in node.inputs if i is not cur]
+        if any(o is x for o in others):
+            used_x = True
+        elif not all(view.is_const(o) for o in others):
+            # the chain may multiply x*0.5 computed on the side: accept Mul(x*0.5, .)
+            side = [view.producer(o) for o in others]
+            if not all(s is not None and s.op == "Mul" and any(i is x for i in s.inputs) for s in side):
+                break
+            used_x = True
+        cur = node.outputs[0]
+        if used_x:
+            last = cur
+            nxt = view.only_consumer(cur)
+            # absorb a trailing constant multiply (the 0.5)
+            if nxt is not None and nxt.op == "Mul" and all(view.is_const(i) for i in nxt.inputs if i is not cur):
+                last = nxt.outputs[0]
+            break
+    return last if used_x else None
+
+
+def _find_activations(view: GraphView) -> dict[str, Activation]:
+    """Map activation output tensor name -> kind."""
+    acts: dict[str, Activation] = {}
+    for node in view.nodes:
+        op = node.op
+        if op == "Relu":
+            acts[node.outputs[0].name] = Activation.RELU
+        elif op == "Softmax":
+            acts[node.outputs[0].name] = Activation.SOFTMAX
+        elif op == "Gelu":
+            kind = Activation.GELU_TANH if node.attrs.get("approximate", "none") == "tanh" else Activation.GELU
+            acts[node.outputs[0].name] = kind
+        elif op == "Erf":
+            pre = view.producer(node.inputs[0])
+            if pre is None or pre.op not in ("Div", "Mul"):
+                continue
+            x = pre.inputs[0] if not view.is_const(pre.inputs[0]) else pre.inputs[1]
+            out = _gelu_tail(view, node, x)
+            if out is not None:
+                acts[out.name] = Activation.GELU_ERF
+        elif op == "Tanh":
+            # tanh(sqrt(2/pi) * (x + 0.044715 x^3)): find x as the tensor raised to 3 upstream
+            x = _tanh_gelu_input(view, node)
+            if x is not None:
+                out = _gelu_tail(view, node, x)
+                if out is not None:
+                    acts[out.name] = Activation.GELU_TANH
+        elif op == "Sigmoid":
+            pre = view.producer(node.inputs[0])
+            if pre is not None and pre.op == "Mul":
+                x = pre.inputs[0] if not view.is_const(pre.inputs[0]) else pre.inputs[1]
+                c = _scalar(view.const(pre.inputs[1] if x is pre.inputs[0] else pre.inputs[0]))
+                nxt = view.only_consumer(node.outputs[0])
+                if c is not None and abs(c - 1.702) < 1e-2 and nxt is not None and nxt.op == "Mul" and any(i is x for i in nxt.inputs):
+                    acts[nxt.outputs[0].name] = Activation.GELU_SIGMOID
+    return acts
+
+
+def _tanh_gelu_input(view: GraphView, tanh: gs.Node) -> gs.Tensor | None:
+    seen = 0
+    frontier = [tanh.inputs[0]]
+    while frontier and seen < 12:
+        t = frontier.pop()
+        seen += 1
+        node = view.producer(t)
+        if node is None:
+            continue
+        if node.op == "Pow" and _scalar(view.const(node.inputs[1])) == 3.0:
+            return node.inputs[0]
+        frontier.extend(i for i in node.inputs if not view.is_const(i))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# linears and attention
+
+
+@dataclasses.dataclass
+class _Lin:
+    node: gs.Node
+    x: gs.Tensor
+    weight: gs.Constant | None
+    weight_input: gs.Tensor
+    wmat: np.ndarray  # effective (K, N)
+    transposed: bool
+    bias: gs.Tensor | None
+    bias_node: gs.Node | None
+    output: gs.Tensor
+
+
+def _linear_of(view: GraphView, node: gs.Node) -> _Lin | None:
+    if node.op == "MatMul" and len(node.inputs) == 2:
+        w = view.const(node.inputs[1])
+        if w is None or w.ndim != 2 or view.is_const(node.inputs[0]) or w.dtype != np.float32:
+            return None
+        src, chain = view.const_source(node.inputs[1])
+        transposed = sum(1 for c in chain if c.op == "Transpose") % 2 == 1
+        out = node.outputs[0]
+        bias = bias_node = None
+        nxt = view.only_consumer(out)
+        if nxt is not None and nxt.op == "Add":
+            other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
+            b = view.const(other)
+            if b is not None and b.size == w.shape[1] and b.shape[-1:] == (w.shape[1],):
+                bias, bias_node, out = other, nxt, nxt.outputs[0]
+        return _Lin(node, node.inputs[0], src, node.inputs[1], w, transposed, bias, bias_node, out)
+    if node.op == "Gemm" and len(node.inputs) >= 2:
+        w = view.const(node.inputs[1])
+        if w is None or w.ndim != 2 or view.is_const(node.inputs[0]):
+            return None
+        if int(node.attrs.get("transA", 0)) != 0:
+            return None
+        trans_b = int(node.attrs.get("transB", 0)) != 0
+        wmat = w.T if trans_b else w
+        src, chain = view.const_source(node.inputs[1])
+        transposed = (sum(1 for c in chain if c.op == "Transpose") + trans_b) % 2 == 1
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        return _Lin(node, node.inputs[0], src, node.inputs[1], wmat, transposed, bias, None, node.outputs[0])
+    return None
+
+
+def _passthrough_forward(view: GraphView, node: gs.Node, cur: gs.Tensor) -> bool:
+    """Ops that move values without mixing them with other data (for role tracing)."""
+    if node.op in _SHAPE_OPS or node.op in _SELECT_OPS:
+        return True
+    if node.op in ("Mul", "Div", "Add", "Sub"):  # scaling by constants, attention bias/mask adds
+        return True
+    if node.op in ("Where", "Expand"):
+        return True
+    return False
+
+
+def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit: int = 64) -> list[tuple[gs.Node, int]]:
+    """Nodes in ``stop_ids`` reached from ``start`` through pass-through ops, with input index."""
+    hits: list[tuple[gs.Node, int]] = []
+    seen: set[str] = set()
+    queue: deque[gs.Tensor] = deque([start])
+    while queue and len(seen) < limit:
+        t = queue.popleft()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for node in view.consumers(t):
+            if id(node) in stop_ids:
+                for idx, i in enumerate(node.inputs):
+                    if i is t:
+                        hits.append((node, idx))
+                continue
+            if node.op in ("Softmax", "LayerNormalization", "MatMul", "Gemm", "Conv", "ReduceMean"):
+                continue
+            if _passthrough_forward(view, node, t):
+                queue.extend(node.outputs)
+    return hits
+
+
+def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32, extra_ops: set[str] | frozenset = frozenset()):
+    """Walk producers through pass-through ops until ``accept(node)`` says yes."""
+    seen: set[str] = set()
+    queue: deque[gs.Tensor] = deque([start])
+    while queue and len(seen) < limit:
+        t = queue.popleft()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        node = view.producer(t)
+        if node is None:
+            continue
+        hit = accept(node, t)
+        if hit is not None:
+            return hit
+        if node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in ("Mul", "Div", "Add", "Sub") or node.op in extra_ops:
+            queue.extend(i for i in node.inputs if i.name and not view.is_const(i))
+    return None
+
+
+def _channel_preserving(view: GraphView, node: gs.Node, t: gs.Tensor, channels: int) -> bool:
+    """Does ``node`` move the last-axis channels of ``t`` without mixing them?"""
+    op = node.op
+    out = node.outputs[0] if node.outputs else None
+    if op in ("Identity", "Cast", "Dropout"):
+        return True
+    if out is None:
+        return False
+    out_last = view.static_last_dim(out)
+    rank_in = len(t.shape) if t.shape is not None else None
+    # unknown (symbolic) last dimensions are accepted; a known different one is not. The Linear
+    # reached at the end must still read `channels` features (checked by the caller).
+    if op == "Reshape":
+        return out_last in (None, channels)
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        return perm is not None and rank_in is not None and int(perm[-1]) == rank_in - 1
+    if op in ("Squeeze", "Unsqueeze", "Flatten"):
+        return out_last in (None, channels)
+    if op in ("Slice",):
+        axes = view.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        if axes is None:
+            return out_last in (None, channels) and len(node.inputs) <= 3
+        return all(int(a) != -1 and (rank_in is None or int(a) != rank_in - 1) for a in axes.reshape(-1)) and out_last in (None, channels)
+    if op == "Gather":
+        axis = int(node.attrs.get("axis", 0))
+        return node.inputs[0] is t and axis != -1 and (rank_in is None or axis != rank_in - 1)
+    if op == "Concat":
+        axis = int(node.attrs.get("axis", 0))
+        return axis != -1 and (rank_in is None or axis != rank_in - 1) and out_last in (None, channels)
+    if op == "Split":
+        axis = int(node.attrs.get("axis", 0))
+        return axis != -1 and (rank_in is None or axis != rank_in - 1)
+    if op == "Pad":
+        return node.inputs[0] is t and out_last in (None, channels)
+    if op == "ReduceMean":  # token pooling: mean((Y - mu) / s) == (mean(Y) - mu) / s
+        axes = _reduce_axes(view, node)
+        return axes is not None and all(int(a) != -1 and (rank_in is None or int(a) != rank_in - 1) for a in axes) and out_last in (None, channels)
+    return False
+
+
+def _ln_fanout(view: GraphView, ln_out: gs.Tensor, channels: int, linear_x: dict[int, "_Lin"]):
+    """Follow an LN output through channel-preserving ops.
+
+    Returns (linear nodes reached as activation input, other consumer nodes, reaches graph output,
+    passes through Pad)."""
+    lin: list[gs.Node] = []
+    other: list[gs.Node] = []
+    graph_out = False
+    via_pad = False
+    seen: set[str] = set()
+    queue: deque[gs.Tensor] = deque([ln_out])
+    while queue:
+        t = queue.popleft()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if t.name in view.output_names:
+            graph_out = True
+        for node in view.consumers(t):
+            if node.op in ("Shape", "Size"):
+                continue  # reads the shape, not the values
+            if id(node) in linear_x and node.inputs[0] is t and linear_x[id(node)].wmat.shape[0] == channels:
+                lin.append(node)
+            elif _channel_preserving(view, node, t, channels):
+                if node.op == "Pad":
+                    via_pad = True
+                if node.op == "Concat" and not all(
+                    i is t or view.is_const(i) or _same_origin(view, i, ln_out) for i in node.inputs
+                ):
+                    other.append(node)
+                    continue
+                queue.extend(node.outputs)
+            else:
+                other.append(node)
+    return lin, other, graph_out, via_pad
+
+
+def _same_origin(view: GraphView, t: gs.Tensor, origin: gs.Tensor, limit: int = 16) -> bool:
+    cur = t
+    for _ in range(limit):
+        if cur is origin:
+            return True
+        node = view.producer(cur)
+        if node is None or node.op not in (_SHAPE_OPS | {"Slice", "Gather", "Pad", "Concat"}):
+            return False
+        cur = node.inputs[0]  # for Concat, all inputs are checked by the caller level by level
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with unique node names and inferred shapes (the user's proto is untouched)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    assign_node_names(m)
+    return _infer_shapes(m)
+
+
+def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Infer shapes with dynamic input dims pinned to 1, so Shape->Reshape chains resolve.
+
+    The pinned copy only serves shape reading; value_info with the pinned batch is copied back
+    as last-dimension facts onto the original graph."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    del probe.graph.value_info[:]
+    for vi in probe.graph.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = 1
+    try:
+        probe = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is an aid, not a requirement
+        return m
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.value_info[:]
+    known = {vi.name for vi in list(out.graph.input) + list(out.graph.output)}
+    for vi in probe.graph.value_info:
+        if vi.name in known:
+            continue
+        new = out.graph.value_info.add()
+        new.CopyFrom(vi)
+        dims = new.type.tensor_type.shape.dim
+        # keep only the channel (last) dimension as a fact; others become symbolic
+        for d in list(dims)[:-1]:
+            d.Clear()
+            d.dim_param = "?"
+    return out
+
+
+def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
+    """Find every quantizable unit and LayerNorm of a ViT-family graph.
+
+    Raises :class:`UnsupportedModelError` naming what is missing when the graph is not a
+    transformer (no attention matmuls feeding a Softmax, or no Linear layers)."""
+    m = model if prepared else prepare(model)
+    graph = gs.import_onnx(m)
+    view = GraphView(graph)
+    notes: list[str] = []
+
+    lns = _find_layernorms(view)
+    acts = _find_activations(view)
+
+    lins: dict[int, _Lin] = {}
+    for node in view.nodes:
+        lin = _linear_of(view, node)
+        if lin is not None:
+            lins[id(node)] = lin
+
+    # attention matmuls: both operands computed at run time
+    softmax_outs = {t for t, k in acts.items() if k is Activation.SOFTMAX}
+    attn_av: dict[int, gs.Node] = {}
+    attn_qk: dict[int, gs.Node] = {}
+    dyn_matmuls = [n for n in view.nodes if n.op == "MatMul" and id(n) not in lins and len(view.non_const_inputs(n)) == 2]
+    for n in dyn_matmuls:
+        src = _backward_source(view, n.inputs[0], lambda node, t: node if node.op == "Softmax" else None, limit=8)
+        if src is not None:
+            attn_av[id(n)] = n
+    softmax_nodes = {id(n) for n in view.nodes if n.op == "Softmax"}
+    for n in dyn_matmuls:
+        if id(n) in attn_av:
+            continue
+        if _forward_reach(view, n.outputs[0], softmax_nodes, limit=16):
+            attn_qk[id(n)] = n
+    for n in dyn_matmuls:
+        if id(n) not in attn_av and id(n) not in attn_qk:
+            notes.append(f"matmul {n.name}: both operands dynamic but not an attention pattern; left in float")
+
+    if not attn_qk or not attn_av:
+        missing = []
+        if not attn_qk:
+            missing.append("no Q @ K^T matmul feeding a Softmax")
+        if not attn_av:
+            missing.append("no Softmax @ V matmul")
+        if not lins:
+            missing.append("no Linear (MatMul/Gemm with a constant weight)")
+        raise UnsupportedModelError(f"not a transformer: {'; '.join(missing)}")
+    if not lins:
+        raise UnsupportedModelError("not a transformer: no Linear (MatMul/Gemm with a constant weight)")
+
+    # roles of the Linears
+    attn_ids = set(attn_av) | set(attn_qk)
+    roles: dict[int, Role] = {}
+    lin_ids = set(lins)
+    for nid, lin in lins.items():
+        hits = _forward_reach(view, lin.output, attn_ids)
+        slots = {("qk" if id(n) in attn_qk else "av", idx) for n, idx in hits}
+        if {("qk", 0), ("qk", 1), ("av", 1)} <= slots:
+            roles[nid] = Role.QKV
+        elif slots == {("qk", 0)}:
+            roles[nid] = Role.Q
+        elif slots == {("qk", 1)}:
+            roles[nid] = Role.K
+        elif slots == {("av", 1)}:
+            roles[nid] = Role.V
+        elif slots:
+            roles[nid] = Role.QKV  # partial fused projection (e.g. kv)
+    for nid, lin in lins.items():
+        if nid in roles:
+            continue
+        src = _backward_source(view, lin.x, lambda node, t: node if id(node) in attn_av else None, limit=16)
+        if src is not None:
+            roles[nid] = Role.PROJ
+
+    # activation in front of each unit (through pass-through ops)
+    def act_before(t: gs.Tensor) -> tuple[Activation | None, gs.Tensor | None]:
+        def accept(node: gs.Node, tt: gs.Tensor):
+            if tt.name in acts:
+                return (acts[tt.name], tt)
+            return None
+        if t.name in acts:
+            return acts[t.name], t
+        hit = _backward_source(view, t, accept, limit=8)
+        return hit if hit is not None else (None, None)
+
+    unit_act: dict[int, Activation | None] = {}
+    for nid, lin in lins.items():
+        kind, _ = act_before(lin.x)
+        unit_act[nid] = kind
+    # patch embedding as a Linear (input comes straight from a graph input)
+    for nid, lin in lins.items():
+        if nid not in roles and _from_graph_input(view, lin.x):
+            roles[nid] = Role.PATCH_EMBED
+    # head: a Linear whose output reaches a graph output through elementwise/shape ops only
+    def reaches_output(t: gs.Tensor) -> bool:
+        seen: set[str] = set()
+        queue: deque[gs.Tensor] = deque([t])
+        while queue:
+            cur = queue.popleft()
+            if cur.name in seen:
+                continue
+            seen.add(cur.name)
+            if cur.name in view.output_names:
+                return True
+            for node in view.consumers(cur):
+                if node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in ("Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid", "ReduceMean"):
+                    queue.extend(node.outputs)
+        return False
+
+    heads = {nid for nid, lin in lins.items() if nid not in roles and reaches_output(lin.output)}
+    # a Linear whose activated output feeds only head Linears is part of the head (pre-logits MLP)
+    changed = True
+    while changed:
+        changed = False
+        for nid, lin in lins.items():
+            if nid in roles or nid in heads:
+                continue
+            reached = _forward_reach(view, lin.output, lin_ids, limit=32)
+            if reached and all(id(n) in heads for n, _ in reached) and not _feeds_residual(view, lin.output):
+                heads.add(nid)
+                changed = True
+    for nid in heads:
+        roles[nid] = Role.HEAD
+
+    # fc2: a Linear behind an activation; fc1: the Linear feeding that activation
+    act_ops = {"Relu", "Erf", "Tanh", "Sigmoid", "Gelu", "Pow"}
+    for nid, lin in lins.items():
+        if nid in roles:
+            continue
+        kind, act_t = act_before(lin.x)
+        if kind is None or kind is Activation.SOFTMAX:
+            continue
+        roles[nid] = Role.FC2
+        src = _backward_source(
+            view, act_t,
+            lambda node, t: node if id(node) in lins and id(node) not in roles else None,
+            limit=24, extra_ops=act_ops,
+        )
+        if src is not None:
+            roles[id(src)] = Role.FC1
+    # LayerNorm -> unit map
+    linear_x = dict(lins)
+    ln_records: list[LayerNormInfo] = []
+    ln_of_unit: dict[int, str] = {}
+    for ln in lns:
+        channels = view.static_last_dim(ln.output) or view.static_last_dim(ln.input)
+        if channels is None and ln.gamma is not None:
+            g = view.const(ln.gamma)
+            channels = int(g.size) if g is not None else None
+        lin_nodes, other, graph_out, via_pad = _ln_fanout(view, ln.output, channels or -1, linear_x)
+        for n in lin_nodes:
+            ln_of_unit.setdefault(id(n), ln.name)
+        reason = _fold_reason(view, ln, lin_nodes, other, graph_out, lins, channels)
+        if reason is None and via_pad:
+            notes.append(
+                f"layernorm {ln.name}: reaches its Linears through a Pad; folding is exact while the pad "
+                f"amount is zero (feature map divisible by the window)"
+            )
+        ln_records.append(
+            LayerNormInfo(
+                name=ln.name,
+                form=ln.form,
+                input=ln.input.name,
+                output=ln.output.name,
+                nodes=tuple(n.name for n in ln.nodes),
+                gamma=_const_name(view, ln.gamma),
+                beta=_const_name(view, ln.beta),
+                gamma_node=ln.gamma_node.name if ln.gamma_node is not None else None,
+                beta_node=ln.beta_node.name if ln.beta_node is not None else None,
+                axis_last=ln.axis_last,
+                epsilon=ln.epsilon,
+                channels=channels,
+                consumers=tuple(n.name for n in lin_nodes),
+                foldable=reason is None,
+                reason=reason,
+                other_consumers=tuple(sorted({n.name for n in other})),
+            )
+        )
+
+    for nid, lin in lins.items():
+        if nid in roles:
+            continue
+        if nid in ln_of_unit:
+            roles[nid] = Role.REDUCTION
+        else:
+            roles[nid] = Role.LINEAR
+
+    # Conv patch embedding
+    convs = []
+    for node in view.nodes:
+        if node.op == "Conv" and len(node.inputs) >= 2 and view.const(node.inputs[1]) is not None:
+            if _from_graph_input(view, node.inputs[0]):
+                convs.append(node)
+            else:
+                notes.append(f"conv {node.name}: not fed by a graph input; left in float")
+
+    # assemble units in graph order, numbering blocks at each attention score matmul
+    units: list[Unit] = []
+    block = -1
+    for node in view.nodes:
+        nid = id(node)
+        if nid in attn_qk:
+            block += 1
+        blk = block if block >= 0 else None
+        if nid in lins:
+            lin = lins[nid]
+            role = roles[nid]
+            if role in (Role.QKV, Role.Q) and nid not in attn_qk:
+                blk = block + 1  # projections precede their block's score matmul
+            units.append(
+                Unit(
+                    name=node.name,
+                    op_type=node.op,
+                    role=role,
+                    inputs=(lin.x.name,),
+                    weight=lin.weight.name if lin.weight is not None else None,
+                    weight_input=lin.weight_input.name,
+                    weight_transposed=lin.transposed,
+                    bias=_const_name(view, lin.bias),
+                    bias_node=lin.bias_node.name if lin.bias_node is not None else None,
+                    in_features=int(lin.wmat.shape[0]),
+                    out_features=int(lin.wmat.shape[1]),
+                    layernorm=ln_of_unit.get(nid),
+                    activation=unit_act.get(nid),
+                    block=None if role in (Role.HEAD, Role.PATCH_EMBED) else blk,
+                    output=lin.output.name,
+                )
+            )
+        elif nid in attn_qk or nid in attn_av:
+            kind, _ = act_before(node.inputs[0])
+            units.append(
+                Unit(
+                    name=node.name,
+                    op_type=node.op,
+                    role=Role.ATTN_QK if nid in attn_qk else Role.ATTN_AV,
+                    inputs=(node.inputs[0].name, node.inputs[1].name),
+                    activation=kind if nid in attn_av else None,
+                    block=blk,
+                    output=node.outputs[0].name,
+                )
+            )
+        elif node in convs:
+            w = view.const(node.inputs[1])
+            src, _ = view.const_source(node.inputs[1])
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            units.append(
+                Unit(
+                    name=node.name,
+                    op_type="Conv",
+                    role=Role.PATCH_EMBED,
+                    inputs=(node.inputs[0].name,),
+                    weight=src.name if src is not None else None,
+                    weight_input=node.inputs[1].name,
+                    bias=_const_name(view, bias),
+                    in_features=int(np.prod(w.shape[1:])),
+                    out_features=int(w.shape[0]),
+                    output=node.outputs[0].name,
+                )
+            )
+    return ModelAnalysis(
+        model_digest=graph_digest(m),
+        opset=opset_of(m),
+        inputs=tuple(t.name for t in graph.inputs),
+        outputs=tuple(t.name for t in graph.outputs),
+        units=tuple(units),
+        layernorms=tuple(ln_records),
+        notes=tuple(notes),
+    )
+
+
+def _const_name(view: GraphView, t: gs.Tensor | None) -> str | None:
+    if t is None:
+        return None
+    src, _ = view.const_source(t)
+    if src is not None:
+        return src.name
+    return t.name if view.is_const(t) else None
+
+
+def _feeds_residual(view: GraphView, t: gs.Tensor) -> bool:
+    for node in view.consumers(t):
+        if node.op == "Add" and len(view.non_const_inputs(node)) == 2:
+            return True
+    return False
+
+
+def _from_graph_input(view: GraphView, t: gs.Tensor) -> bool:
+    seen = 0
+    cur = t
+    while seen < 16:
+        seen += 1
+        if cur.name in view.input_names:
+            return True
+        node = view.producer(cur)
+        if node is None or not (node.op in _SHAPE_OPS or node.op in ("Slice", "Pad")):
+            return False
+        cur = node.inputs[0]
+    return False
+
+
+def _fold_reason(view: GraphView, ln: _LN, lin_nodes: list[gs.Node], other: list[gs.Node], graph_out: bool,
+                 lins: dict[int, _Lin], channels: int | None) -> str | None:
+    if not lin_nodes:
+        return "feeds no quantizable Linear"
+    if not ln.axis_last:
+        return "normalises over an axis other than the last"
+    if channels is None:
+        return "channel count unknown (no static last dimension)"
+    if graph_out:
+        return "its output is also a graph output"
+    if other:
+        kinds = sorted({f"{n.op} {n.name}" for n in other})
+        first = kinds[0]
+        more = f" and {len(kinds) - 1} more" if len(kinds) > 1 else ""
+        residual = any(n.op == "Add" for n in other)
+        what = "the residual Add" if residual else "a non-Linear consumer"
+        return f"its output also feeds {what} ({first}{more})"
+    if ln.form == "op" and (ln.gamma is None or view.const(ln.gamma) is None):
+        return "gamma is not a constant"
+    if ln.form == "op" and ln.beta is not None and view.const(ln.beta) is None:
+        return "beta is not a constant"
+    if ln.form == "decomposed" and ln.gamma is None and ln.beta is None:
+        pass  # fold creates Mul/Add? no: refuse, an extra node would remain
+    if ln.form == "decomposed" and (ln.gamma is None or ln.beta is None):
+        return "decomposed LayerNorm without a constant gamma and beta to fold into"
+    group = {id(n) for n in lin_nodes}
+    for n in lin_nodes:
+        lin = lins[id(n)]
+        if lin.weight is None:
+            return f"weight of {n.name} is not a constant initializer"
+        for user in lin.weight.outputs:
+            if id(user) in group:
+                continue
+            # a Transpose/Identity chain feeding a group member is fine
+            if user.op in ("Identity", "Transpose", "Reshape") and all(id(c) in group for c in _chain_users(user)):
+                continue
+            return f"weight {lin.weight.name} of {n.name} is shared with node {user.name} outside the group"
+    return None
+
+
+def _chain_users(node: gs.Node) -> Iterable[gs.Node]:
+    for o in node.outputs:
+        for c in o.outputs:
+            if c.op in ("Identity", "Transpose", "Reshape"):
+                yield from _chain_users(c)
+            else:
+                yield c
