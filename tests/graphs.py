@@ -1,0 +1,161 @@
+"""Tiny ViT graphs built in code (onnx.helper, seeded weights) for analysis and pass tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class _B:
+    def __init__(self, seed: int, name_nodes: bool) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+        self.name_nodes = name_nodes
+
+    def t(self, prefix: str) -> str:
+        self.k += 1
+        return f"{prefix}_{self.k}"
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str] | str:
+        outs = [self.t(op.lower()) for _ in range(n_out)]
+        name = self.t(f"n_{op}") if self.name_nodes else ""
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def w(self, *shape: int, scale: float = 0.2) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def const(self, value, dtype=np.float32) -> str:
+        return self.init(self.t("c"), np.asarray(value, dtype=dtype))
+
+    def layernorm(self, x: str, dim: int, form: str) -> str:
+        gamma = self.init(self.t("gamma"), (1.0 + 0.1 * self.rng.standard_normal(dim)).astype(np.float32))
+        beta = self.init(self.t("beta"), (0.5 * self.rng.standard_normal(dim)).astype(np.float32))
+        if form == "op":
+            return self.node("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
+        mean = self.node("ReduceMean", [x], axes=[-1])
+        d = self.node("Sub", [x, mean])
+        sq = self.node("Pow", [d, self.const(2.0)])
+        var = self.node("ReduceMean", [sq], axes=[-1])
+        den = self.node("Sqrt", [self.node("Add", [var, self.const(1e-5)])])
+        xh = self.node("Div", [d, den])
+        return self.node("Add", [self.node("Mul", [xh, gamma]), beta])
+
+    def linear(self, x: str, k: int, n: int, bias: bool = True, gemm: bool = False) -> str:
+        if gemm:
+            w = self.init(self.t("W"), self.w(n, k))
+            ins = [x, w] + ([self.init(self.t("b"), self.w(n, scale=0.1))] if bias else [])
+            return self.node("Gemm", ins, transB=1)
+        w = self.init(self.t("W"), self.w(k, n))
+        y = self.node("MatMul", [x, w])
+        if bias:
+            y = self.node("Add", [self.init(self.t("b"), self.w(n, scale=0.1)), y])
+        return y
+
+    def act(self, x: str, kind: str) -> str:
+        if kind == "relu":
+            return self.node("Relu", [x])
+        if kind == "gelu_tanh":
+            x3 = self.node("Pow", [x, self.const(3.0)])
+            inner = self.node("Add", [x, self.node("Mul", [x3, self.const(0.044715)])])
+            t = self.node("Tanh", [self.node("Mul", [inner, self.const(0.7978845608)])])
+            return self.node("Mul", [self.node("Mul", [x, self.node("Add", [t, self.const(1.0)])]), self.const(0.5)])
+        # erf form as torch's TorchScript exporter writes it
+        e = self.node("Erf", [self.node("Div", [x, self.const(1.4142135)])])
+        return self.node("Mul", [self.node("Mul", [x, self.node("Add", [e, self.const(1.0)])]), self.const(0.5)])
+
+
+def tiny_vit(
+    *,
+    blocks: int = 2,
+    dim: int = 16,
+    heads: int = 2,
+    mlp: int = 32,
+    img: int = 8,
+    patch: int = 4,
+    classes: int = 5,
+    ln: str = "op",
+    act: str = "gelu_erf",
+    post_norm: bool = False,
+    qkv_bias: bool = True,
+    gemm_head: bool = True,
+    seed: int = 0,
+    name_nodes: bool = True,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """A small ViT: patch Conv, cls token, pos embed, attention blocks, LN head on the cls token."""
+    b = _B(seed, name_nodes)
+    tokens = (img // patch) ** 2 + 1
+    hd = dim // heads
+    x = b.node("Conv", ["input", b.init("patch_w", b.w(dim, 3, patch, patch)), b.init("patch_b", b.w(dim, scale=0.1))],
+               kernel_shape=[patch, patch], strides=[patch, patch])
+    x = b.node("Reshape", [x, b.const([0, dim, -1], np.int64)])
+    x = b.node("Transpose", [x], perm=[0, 2, 1])  # (N, P, D)
+    cls = b.node("Expand", [b.init("cls", b.w(1, 1, dim)), b.node("Concat", [
+        b.node("Slice", [b.node("Shape", [x]), b.const([0], np.int64), b.const([1], np.int64)]),
+        b.const([1, dim], np.int64)], axis=0)])
+    x = b.node("Concat", [cls, x], axis=1)
+    x = b.node("Add", [x, b.init("pos", b.w(1, tokens, dim))])
+    for _ in range(blocks):
+        y = x if post_norm else b.layernorm(x, dim, ln)
+        qkv = b.linear(y, dim, 3 * dim, bias=qkv_bias)
+        qkv = b.node("Reshape", [qkv, b.const([0, tokens, 3, heads, hd], np.int64)])
+        qkv = b.node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
+        q, k, v = b.node("Split", [qkv, b.const([1, 1, 1], np.int64)], n_out=3, axis=0)
+        q = b.node("Squeeze", [q, b.const([0], np.int64)])
+        k = b.node("Squeeze", [k, b.const([0], np.int64)])
+        v = b.node("Squeeze", [v, b.const([0], np.int64)])
+        s = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])])
+        s = b.node("Mul", [s, b.const(hd ** -0.5)])
+        p = b.node("Softmax", [s], axis=-1)
+        o = b.node("MatMul", [p, v])
+        o = b.node("Reshape", [b.node("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, tokens, dim], np.int64)])
+        o = b.linear(o, dim, dim)
+        x = b.node("Add", [x, o])
+        if post_norm:
+            x = b.layernorm(x, dim, ln)
+        y = x if post_norm else b.layernorm(x, dim, ln)
+        h = b.act(b.linear(y, dim, mlp), act)
+        h = b.linear(h, mlp, dim)
+        x = b.node("Add", [x, h])
+        if post_norm:
+            x = b.layernorm(x, dim, ln)
+    c = b.node("Gather", [x, b.const(0, np.int64)], axis=1)
+    c = b.layernorm(c, dim, ln)
+    logits = b.linear(c, dim, classes, gemm=gemm_head)
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="out" if name_nodes else ""))
+    graph = helper.make_graph(
+        b.nodes, "tiny_vit",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, img, img])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_only(seed: int = 0) -> onnx.ModelProto:
+    """Not a transformer: two Linears and a ReLU."""
+    b = _B(seed, True)
+    h = b.node("Relu", [b.linear("input", 8, 16)])
+    y = b.linear(h, 16, 4)
+    b.nodes.append(helper.make_node("Identity", [y], ["logits"], name="out"))
+    graph = helper.make_graph(
+        b.nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def random_images(n: int, img: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, img, img)).astype(np.float32)
