@@ -61,10 +61,10 @@ def _runtime_from(args: argparse.Namespace) -> RuntimeConfig:
 
 
 def _open_data(args: argparse.Namespace, flag_value: str, model, batch_size: int):
-    from .data import open_data, parse_preprocess_args, model_input_specs
+    from .data import input_specs, open_data, parse_preprocess_args
 
     pre = parse_preprocess_args(args.preprocess, args.size, args.mean, args.std, args.interpolation, args.crop_pct)
-    return open_data(flag_value, model_input_specs(model), limit=args.limit, batch_size=batch_size, preprocess=pre)
+    return open_data(flag_value, input_specs(model), limit=args.limit, batch_size=batch_size, preprocess=pre)
 
 
 # ---------------------------------------------------------------------------------------------
