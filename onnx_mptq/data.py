@@ -58,7 +58,7 @@ class InputSpec(NamedTuple):
     dtype: np.dtype
 
 
-def model_input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
+def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
     """The graph inputs that are not initializers, in graph order."""
     inits = {t.name for t in model.graph.initializer}
     out: dict[str, InputSpec] = {}
@@ -762,7 +762,7 @@ def open_data(
 ) -> DataSource:
     """Open calibration/evaluation data for a model whose inputs are ``model_inputs``.
 
-    ``model_inputs`` maps each input name to ``(shape, dtype)`` (see :func:`model_input_specs`), with
+    ``model_inputs`` maps each input name to ``(shape, dtype)`` (see :func:`input_specs`), with
     None or a symbol name for dynamic dims. ``spec`` is a ``.npz`` path, an image folder, a reader
     with ``get_next()``, or an iterable of dicts of arrays (see the module docstring). ``limit``
     caps the number of samples. File sources are checked here (names, dtypes, shapes, labels);

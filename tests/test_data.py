@@ -14,7 +14,7 @@ from onnx_mptq.data import (
     Batch,
     Interpolation,
     PreprocessSpec,
-    model_input_specs,
+    input_specs,
     open_data,
     parse_preprocess_args,
     preprocess_from_timm,
@@ -165,7 +165,7 @@ def test_input_specs_from_model():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [numpy_helper.from_array(np.zeros(4, np.float32), "b")],
     )
-    assert model_input_specs(helper.make_model(graph)) == {"x": (("N", 4), np.dtype(np.float32))}
+    assert input_specs(helper.make_model(graph)) == {"x": (("N", 4), np.dtype(np.float32))}
 
 
 # ------------------------------------------------------------------------------- images

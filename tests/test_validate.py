@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mptq.config import RuntimeConfig
-from onnx_mptq.data import model_input_specs, open_data
+from onnx_mptq.data import input_specs, open_data
 from onnx_mptq.errors import DataError, UnsupportedModelError
 from onnx_mptq.numerics.metrics import cosine, kl_softmax, sqnr_db, top1_agreement
 from onnx_mptq.validate import EvaluationReport, compare_outputs, evaluate, max_abs_diff
@@ -60,7 +60,7 @@ def dataset(n: int = 20, seed: int = 1):
 def test_accuracy_without_reference():
     model = linear()
     x, y = dataset()
-    data = open_data([{"x": x, "labels": y}], model_input_specs(model), batch_size=8)
+    data = open_data([{"x": x, "labels": y}], input_specs(model), batch_size=8)
     r = evaluate(model, data, CPU, progress=False)
     logits = forward(model, x)
     top5 = np.argsort(-logits, axis=1)[:, :5]
@@ -75,7 +75,7 @@ def test_accuracy_without_reference():
 def test_against_itself_is_identical_and_json_stays_valid():
     model = linear()
     x, _ = dataset()
-    data = open_data([{"x": x}], model_input_specs(model), batch_size=8)
+    data = open_data([{"x": x}], input_specs(model), batch_size=8)
     r = evaluate(model, data, CPU, reference=model, latency_batch_size=4, progress=False)
     assert r.top1 is None and r.top5 is None  # no labels
     assert r.top1_agreement == 100.0 and r.cosine == pytest.approx(1.0) and r.kl == pytest.approx(0.0, abs=1e-9)
@@ -91,7 +91,7 @@ def test_reference_metrics_match_numpy():
     w = numpy_helper.to_array(model.graph.initializer[0]) + np.random.default_rng(5).normal(0, 0.5, (6, 7)).astype(np.float32)
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
     x, y = dataset(30)
-    data = open_data([{"x": x, "labels": y}], model_input_specs(model), batch_size=8)
+    data = open_data([{"x": x, "labels": y}], input_specs(model), batch_size=8)
     r = evaluate(model, data, CPU, reference=ref, progress=False)
     lo, lr = forward(model, x), forward(ref, x)
     assert r.top1_agreement == pytest.approx(100 * top1_agreement(lr, lo))
@@ -111,7 +111,7 @@ def test_report_fields():
 def test_fixed_batch_model_is_timed_at_its_batch_only():
     model = linear(batch=1)
     x, y = dataset(3)
-    data = open_data([{"x": x, "labels": y}], model_input_specs(model), batch_size=8)
+    data = open_data([{"x": x, "labels": y}], input_specs(model), batch_size=8)
     r = evaluate(model, data, CPU, progress=False)
     assert r.num_samples == 3 and r.latency_ms_b1 > 0 and r.latency_ms_batch is None
 
@@ -119,7 +119,7 @@ def test_fixed_batch_model_is_timed_at_its_batch_only():
 def test_fewer_samples_than_latency_batch_are_repeated():
     model = linear()
     x, _ = dataset(2)
-    r = evaluate(model, open_data([{"x": x}], model_input_specs(model)), CPU, latency_batch_size=16, progress=False)
+    r = evaluate(model, open_data([{"x": x}], input_specs(model)), CPU, latency_batch_size=16, progress=False)
     assert r.latency_ms_batch > 0
 
 
@@ -134,7 +134,7 @@ def test_data_for_another_model_is_refused():
 def test_first_output_must_be_logits():
     model = linear(out_shape=(7, 1, 1))  # (N, 7, 1, 1) is not (batch, classes)
     x, y = dataset(4)
-    data = open_data([{"x": x, "labels": y}], model_input_specs(model))
+    data = open_data([{"x": x, "labels": y}], input_specs(model))
     with pytest.raises(UnsupportedModelError, match=r"first graph output has shape \(4, 7, 1, 1\)"):
         evaluate(model, data, CPU, progress=False)
 
@@ -172,7 +172,7 @@ def test_mnist_vit_accuracy_and_self_agreement(tmp_path):
     model = load_model(path)
     x, y = load_mnist(1000, 500)
     np.savez(tmp_path / "mnist.npz", input=x, labels=y)
-    data = open_data(tmp_path / "mnist.npz", model_input_specs(model), batch_size=64)
+    data = open_data(tmp_path / "mnist.npz", input_specs(model), batch_size=64)
     r = evaluate(model, data, RuntimeConfig(providers="cpu", batch_size=32), reference=model, progress=False)
     assert r.num_samples == 500
     assert r.top1 > 90.0 and r.top5 >= r.top1
