@@ -1,0 +1,609 @@
+"""Emit a quantization plan as a QDQ ONNX model that ONNX Runtime runs with integer kernels.
+
+``emit_qdq(model, plan, analysis)`` returns a new model (the input proto is never mutated) and an
+:class:`EmitReport`. What it writes, per planned unit (``plan.layers``):
+
+Weights (Linear / patch-embedding Conv), per output channel, symmetric, b bits::
+
+    q_w = clamp(rint(W / s_w[c]), -(2^(b-1) - 1), 2^(b-1) - 1)      stored as int8
+    W_hat = DequantizeLinear(q_w, s_w, 0, axis)
+
+The stored integers are the weight *as the node reads it*: MatMul ``(K, N)``, axis 1 (a
+Transpose / Identity / Reshape chain in front of a constant weight is folded into the stored
+integers, so the DQ feeds the MatMul directly, which ORT's fusion needs); Gemm ``B`` in its own
+layout, axis 0 with ``transB=1`` else 1; Conv ``(O, I, kh, kw)``, axis 0. Zero points are int8
+zeros. The float initializer disappears unless another node still reads it.
+
+Activations, per tensor (one Q/DQ group per (tensor, quantizer), shared by every unit that reads
+the tensor with the same quantizer)::
+
+    q = clamp(rint(x / s) + z, qmin, qmax)          x_hat = (q - z) * s
+
+in an 8-bit container: asymmetric -> uint8 with the plan's zero point; symmetric -> by default
+uint8 with zero point 128 (codes ``q + 128``: the same grid, see "Why uint8" below) or, with
+``EmitOptions(symmetric_container='int8')``, int8 with zero point 0. QuantizeLinear saturates to
+the *container* range, so where ``qrange(b)`` is narrower (b < 8, and symmetric 8-bit, whose code
+-128 is excluded) the codes are held to the b-bit range by one more node:
+
+* ``RangeForm.INTEGER`` (default): ``Q -> Clip(int codes, lo, hi) -> DQ``. The Clip runs on the
+  1-byte codes; ``clamp(clamp(c, 0, 255), lo, hi) == clamp(c, lo, hi)``, so this is exactly
+  :func:`onnx_mptq.numerics.quant.quantize`.
+* ``RangeForm.FLOAT``: ``Clip(x, (lo - z) s, (hi - z) s) -> Q -> DQ`` at the dequantized bounds
+  (exact as well: a bound divided by s rounds back to its code).
+
+Both keep ORT's DQ -> MatMul fusion (measured: the Clip sits before the DQ). The integer form
+touches 1 byte per element instead of 4 (see ``tools/check_int_kernels.py`` for timings).
+
+Twin-region operands (OPT-m, :mod:`onnx_mptq.numerics.twin`), k bits, ``n = 2^(k-1) - 1``,
+``delta2 = 2^m delta1``. Because the consuming matmul is linear, the operand is split into two
+integer operands whose dequantized values sum to ``twin_fake_quant(x)``::
+
+    y = DQ1(x) @ W_hat + DQ2(x) @ W_hat        (two integer matmuls and an Add)
+
+* GELU (split 0): ``rint(min(x, 0) / d1) == min(rint(x / d1), 0)``, so region 1 is
+  ``Q(x; delta1)`` with its codes clipped to ``[-n, 0]`` and region 2 is ``Q(x; delta2)`` clipped
+  to ``[0, n]``: no float elementwise op at all (region 1 is stored as uint8 with zero point n,
+  region 2 with zero point 0, so QuantizeLinear's saturation gives one bound of each for free).
+* Softmax (split s): ``mask = x < s``; ``x1 = Where(mask, x, 0)``, ``x2 = Where(mask, 0, x)``;
+  each quantized with zero point 0 and codes clipped to ``[0, n]`` (steps delta1, delta2).
+
+Attention matmuls quantize both operands; a twin operand there doubles the matmul the same way
+(``P @ V -> DQ1(P) @ DQ(V) + DQ2(P) @ DQ(V)``).
+
+Gemm: a float bias ``C`` is moved to an ``Add`` after the Gemm (``alpha A B + beta C ==
+Add(Gemm(A, B, alpha), beta C)``), because ORT fuses DQ -> Gemm into ``QGemm`` only when the
+bias is absent or itself an int32 DQ; the Add keeps the float bias exact.
+
+The patch embedding: when ``plan.input_quant`` is set it is the quantizer of the image entering
+the patch embedding (8 bits); it is emitted in front of the patch-embedding unit's operand, and
+that layer's own input quantizer must describe the same grid (else :class:`PlanError`).
+
+Which ORT kernels run (ONNX Runtime 1.31, CPU, ``ORT_ENABLE_EXTENDED`` and ``ORT_ENABLE_ALL``;
+measured with ``tools/check_int_kernels.py``):
+
+* ``DQ(uint8 act) + DQ(int8 per-channel W) -> MatMul`` (no Q after it) -> ``MatMulIntegerToFloat``
+  (the output stays float: the method does not quantize Linear outputs, so no requantization is
+  added; ``DQ -> MatMul -> Q`` would become ``QLinearMatMul`` but would round every Linear output
+  to 8 bits, which the reference does not do);
+* ``DQ(uint8) + DQ(uint8/int8) -> MatMul`` with both operands dynamic (``Q @ K^T``, ``P @ V``)
+  -> ``MatMulIntegerToFloat`` as well;
+* ``DQ -> Gemm`` without a float bias -> ``QGemm`` (float output);
+* int8 (signed) activations: ORT converts them to uint8 for Linears (extra nodes) and does *not*
+  fuse a matmul whose two dynamic operands are int8: hence uint8 with zero point 128 for
+  symmetric activations by default;
+* ``DQ -> Conv`` without an output Q stays a float Conv (QLinearConv needs a quantized output):
+  the patch-embedding Conv computes in float on the dequantized integers (exact, not faster).
+* where the next unit's Q follows a matmul through Transpose/Reshape only (``P @ V`` -> proj),
+  ORT moves that Q up and fuses ``QLinearMatMul``: the same Q, applied inside the kernel.
+
+Measured (mnist ViT, batch 32, 1 thread, median of 3 x 20 runs; ``tools/check_int_kernels.py``):
+W8A8 2.4 ms (all 37 matmuls integer + 2 QGemm) vs. ``quantize_static`` QDQ 3.6 ms vs. FP32
+3.1-3.2 ms. Symmetric activations: uint8+128 with the integer Clip 2.4 ms, float Clip 3.1 ms,
+int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs: 3.2 ms (integer
+Clip) vs. 4.0 ms (float Clip); the softmax regions' Less/Where run in float.
+
+Opset >= 13 is required (per-axis DequantizeLinear); the model keeps its opset, graph inputs,
+outputs, node names and metadata, and gains ``metadata_props["onnx_mptq.quantized"]`` (the plan
+digest and versions). A model that already carries it is returned unchanged (emitting is
+idempotent); another plan on it is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import itertools
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import PlanError, UnsupportedModelError
+from ..graph.analysis import GraphView, ModelAnalysis, Role, Unit
+from ..graph.io import MIN_OPSET, assign_node_names, graph_digest, opset_of
+from ..numerics.quant import UniformParams, qrange, quantize
+from ..numerics.twin import TwinParams
+from ..plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
+from ..records import Record
+
+log = logging.getLogger(__name__)
+
+MARKER_KEY = "onnx_mptq.quantized"
+EMITTER_VERSION = 1
+
+
+class SymmetricContainer(str, enum.Enum):
+    """Storage of symmetric activation codes."""
+
+    UINT8 = "uint8"  # codes + 128 in uint8 (zero point 128): fuses everywhere in ORT CPU
+    INT8 = "int8"  # int8, zero point 0
+
+
+class RangeForm(str, enum.Enum):
+    """How codes are held to a b-bit range narrower than the 8-bit container."""
+
+    INTEGER = "integer"  # Q -> Clip(int codes) -> DQ
+    FLOAT = "float"  # Clip(x, dequantized bounds) -> Q -> DQ
+
+
+@dataclasses.dataclass(frozen=True)
+class EmitOptions:
+    symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
+    range_form: RangeForm = RangeForm.INTEGER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "symmetric_container", SymmetricContainer(self.symmetric_container))
+        object.__setattr__(self, "range_form", RangeForm(self.range_form))
+
+
+@dataclasses.dataclass(frozen=True)
+class EmittedUnit:
+    unit: str
+    role: str
+    op_type: str
+    weight_bits: int | None
+    act_bits: tuple[int, ...]
+    schemes: tuple[str, ...]  # per operand: uniform | twin
+    matmuls: int  # integer matmul nodes computing the unit (2 with a twin operand)
+    notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    unit: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EmitReport(Record):
+    KIND = "emit_report"
+    SCHEMA_VERSION = 1
+
+    model_digest: str  # the float graph emitted from
+    plan_digest: str
+    marker: str  # the value written to metadata_props[MARKER_KEY]
+    symmetric_container: str
+    range_form: str
+    quantize_nodes: int = 0  # activation QuantizeLinear
+    dequantize_nodes: int = 0  # activation DequantizeLinear
+    weight_dequantize_nodes: int = 0
+    clip_nodes: int = 0
+    other_nodes: tuple[tuple[str, int], ...] = ()  # (op_type, count): Add, Where, Less, MatMul, ...
+    units: tuple[EmittedUnit, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+    notes: tuple[str, ...] = ()
+    already_quantized: bool = False
+
+
+def plan_digest(plan: QuantPlan) -> str:
+    """A digest of the plan's JSON (what was emitted)."""
+    return hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()[:16]
+
+
+def marker_value(plan: QuantPlan) -> str:
+    return json.dumps(
+        {"plan": plan_digest(plan), "plan_schema": QuantPlan.SCHEMA_VERSION, "model": plan.model_digest,
+         "emitter": EMITTER_VERSION},
+        sort_keys=True, separators=(",", ":"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizer -> integer parts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One QuantizeLinear -> [Clip] -> DequantizeLinear group on ``source``."""
+
+    scale: float  # float32 value
+    zero_point: int  # in the container
+    dtype: str  # "uint8" | "int8"
+    lo: int  # allowed container codes
+    hi: int
+    region: str  # "" for a uniform operand; "softmax_low" / "softmax_high" select a Where output
+
+
+def _container_range(dtype: str) -> tuple[int, int]:
+    return (0, 255) if dtype == "uint8" else (-128, 127)
+
+
+def uniform_params(aq: ActQuant) -> UniformParams:
+    """The plan's uniform quantizer as :class:`UniformParams` (PlanError when inconsistent)."""
+    try:
+        return UniformParams(np.float32(aq.scale), np.int32(aq.zero_point), aq.bits, aq.symmetric)
+    except ValueError as e:
+        raise PlanError(f"activation {aq.tensor}: {e}") from None
+
+
+def twin_params(aq: ActQuant) -> TwinParams:
+    """The plan's twin-region quantizer as :class:`TwinParams` (PlanError when inconsistent)."""
+    kind = aq.twin_kind.value if isinstance(aq.twin_kind, TwinKind) else aq.twin_kind
+    try:
+        return TwinParams(kind, aq.bits, float(aq.delta1), int(aq.m), aq.split)
+    except (ValueError, TypeError) as e:
+        raise PlanError(f"activation {aq.tensor}: {e}") from None
+
+
+def _parts(aq: ActQuant, options: EmitOptions) -> list[_Part]:
+    if aq.scheme is Scheme.UNIFORM:
+        p = uniform_params(aq)
+        qmin, qmax = qrange(p.bits, p.symmetric)
+        if not p.symmetric:
+            return [_Part(float(p.scale), int(p.zero_point), "uint8", qmin, qmax, "")]
+        if options.symmetric_container is SymmetricContainer.UINT8:
+            return [_Part(float(p.scale), 128, "uint8", qmin + 128, qmax + 128, "")]
+        return [_Part(float(p.scale), 0, "int8", qmin, qmax, "")]
+    tp = twin_params(aq)
+    n = tp.levels
+    d1, d2 = float(np.float32(tp.delta1)), float(np.float32(tp.delta2))
+    uint8 = options.symmetric_container is SymmetricContainer.UINT8
+    if tp.kind == "gelu":
+        if uint8:
+            return [_Part(d1, n, "uint8", 0, n, ""), _Part(d2, 0, "uint8", 0, n, "")]
+        return [_Part(d1, 0, "int8", -n, 0, ""), _Part(d2, 0, "int8", 0, n, "")]
+    dtype = "uint8" if uint8 else "int8"
+    return [_Part(d1, 0, dtype, 0, n, "softmax_low"), _Part(d2, 0, dtype, 0, n, "softmax_high")]
+
+
+def _same_grid(a: ActQuant, b: ActQuant) -> bool:
+    return dataclasses.replace(a, tensor="") == dataclasses.replace(b, tensor="")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+
+class _Emitter:
+    def __init__(self, graph: gs.Graph, options: EmitOptions) -> None:
+        self.graph = graph
+        self.options = options
+        self.view = GraphView(graph)
+        self.tensors = graph.tensors()
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.used_names: set[str] = set(self.tensors) | set(self.nodes)
+        self.added: Counter[str] = Counter()
+        self.act_q: dict[tuple[str, ActQuant], list[gs.Tensor]] = {}
+        self.weight_dq: dict[tuple, gs.Tensor] = {}
+        self.new_nodes: list[gs.Node] = []
+
+    # names ----------------------------------------------------------------------------------
+    def name(self, base: str) -> str:
+        cand, k = base, 1
+        while cand in self.used_names:
+            cand = f"{base}_{k}"
+            k += 1
+        self.used_names.add(cand)
+        return cand
+
+    def const(self, base: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.name(base), np.asarray(value))
+
+    def var(self, base: str, dtype) -> gs.Variable:
+        return gs.Variable(self.name(base), dtype=dtype)
+
+    def node(self, op: str, base: str, inputs, outputs, kind: str, **attrs) -> gs.Node:
+        n = gs.Node(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
+        self.new_nodes.append(n)
+        self.added[kind] += 1
+        return n
+
+    # activations ----------------------------------------------------------------------------
+    def activation(self, tensor: gs.Tensor, aq: ActQuant) -> list[gs.Tensor]:
+        """DQ outputs (1, or 2 for a twin quantizer) of ``tensor`` quantized by ``aq``; shared."""
+        key = (tensor.name, aq)
+        if key in self.act_q:
+            return self.act_q[key]
+        k = sum(1 for t, _ in self.act_q if t == tensor.name)
+        base = f"{tensor.name}/mptq{k if k else ''}"
+        parts = _parts(aq, self.options)
+        sources: dict[str, gs.Tensor] = {"": tensor}
+        if any(p.region for p in parts):
+            tp = twin_params(aq)
+            mask = self.var(f"{base}/region_mask", np.bool_)
+            self.node("Less", f"{base}/Less", [tensor, self.const(f"{base}/split", np.float32(tp.split))], [mask], "Less")
+            zero = self.const(f"{base}/zero", np.float32(0.0))
+            low, high = self.var(f"{base}/low", np.float32), self.var(f"{base}/high", np.float32)
+            self.node("Where", f"{base}/Where_low", [mask, tensor, zero], [low], "Where")
+            self.node("Where", f"{base}/Where_high", [mask, zero, tensor], [high], "Where")
+            sources.update(softmax_low=low, softmax_high=high)
+        outs = []
+        for i, part in enumerate(parts):
+            pb = f"{base}/r{i + 1}" if len(parts) > 1 else base
+            outs.append(self._qdq(sources[part.region], part, pb))
+        self.act_q[key] = outs
+        return outs
+
+    def _qdq(self, src: gs.Tensor, part: _Part, base: str) -> gs.Tensor:
+        np_dtype = np.uint8 if part.dtype == "uint8" else np.int8
+        scale = self.const(f"{base}/scale", np.float32(part.scale))
+        zp = self.const(f"{base}/zero_point", np.array(part.zero_point, dtype=np_dtype))
+        clip = (part.lo, part.hi) != _container_range(part.dtype)
+        x = src
+        if clip and self.options.range_form is RangeForm.FLOAT:
+            lo = np.float32(part.lo - part.zero_point) * np.float32(part.scale)
+            hi = np.float32(part.hi - part.zero_point) * np.float32(part.scale)
+            x = self.var(f"{base}/clipped", np.float32)
+            self.node("Clip", f"{base}/Clip", [src, self.const(f"{base}/clip_min", lo), self.const(f"{base}/clip_max", hi)],
+                      [x], "Clip")
+        q = self.var(f"{base}/q", np_dtype)
+        self.node("QuantizeLinear", f"{base}/QuantizeLinear", [x, scale, zp], [q], "QuantizeLinear")
+        if clip and self.options.range_form is RangeForm.INTEGER:
+            qc = self.var(f"{base}/q_clipped", np_dtype)
+            self.node("Clip", f"{base}/Clip", [q, self.const(f"{base}/code_min", np.array(part.lo, np_dtype)),
+                                                self.const(f"{base}/code_max", np.array(part.hi, np_dtype))], [qc], "Clip")
+            q = qc
+        out = self.var(f"{base}/dq", np.float32)
+        self.node("DequantizeLinear", f"{base}/DequantizeLinear", [q, scale, zp], [out], "DequantizeLinear")
+        return out
+
+    # weights --------------------------------------------------------------------------------
+    def weight(self, unit: Unit, node: gs.Node, wq: WeightQuant) -> gs.Tensor:
+        w_in = node.inputs[1]
+        w = self.view.const(w_in)
+        if w is None:
+            raise PlanError(f"unit {unit.name}: its weight {w_in.name} is not a constant")
+        w = np.asarray(w, dtype=np.float32)
+        if node.op == "MatMul":
+            axis = 1
+        elif node.op == "Gemm":
+            axis = 0 if int(node.attrs.get("transB", 0)) else 1
+        else:  # Conv
+            axis = 0
+        if len(wq.scales) != w.shape[axis]:
+            raise PlanError(
+                f"unit {unit.name}: the plan has {len(wq.scales)} weight scales, the weight has "
+                f"{w.shape[axis]} output channels"
+            )
+        key = (w_in.name, node.op, axis, wq)
+        if key in self.weight_dq:
+            return self.weight_dq[key]
+        scales = np.asarray(wq.scales, dtype=np.float32)
+        p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
+        codes = quantize(w, p).astype(np.int8)  # within qrange(bits, True)
+        base = f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
+        dq = self.var(f"{base}/dq", np.float32)
+        self.node(
+            "DequantizeLinear", f"{base}/DequantizeLinear",
+            [self.const(f"{base}/int", codes), self.const(f"{base}/scale", scales),
+             self.const(f"{base}/zero_point", np.zeros(scales.shape, np.int8))],
+            [dq], "WeightDequantizeLinear", axis=axis,
+        )
+        self.weight_dq[key] = dq
+        return dq
+
+    # structure ------------------------------------------------------------------------------
+    def split_gemm_bias(self, node: gs.Node) -> None:
+        """``Gemm(A, B, C)`` -> ``Add(Gemm(A, B), beta C)`` (ORT fuses DQ -> Gemm only without a float C)."""
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            return
+        c = node.inputs[2]
+        beta = float(node.attrs.get("beta", 1.0))
+        if beta != 1.0:
+            cv = self.view.const(c)
+            if cv is None:
+                raise UnsupportedModelError(f"Gemm {node.name}: beta != 1 with a non-constant C")
+            c = self.const(f"{node.name}/mptq_bias", (np.float32(beta) * np.asarray(cv, np.float32)))
+        out = node.outputs[0]
+        mid = self.var(f"{node.name}/mptq_matmul", np.float32)
+        node.inputs.pop(2)
+        node.attrs.pop("beta", None)
+        node.outputs[0] = mid
+        self.node("Add", f"{node.name}/mptq_bias_add", [mid, c], [out], "Add")
+
+    def distribute(self, node: gs.Node, operands: list[list[gs.Tensor]], slots: list[int]) -> int:
+        """Point ``node``'s input ``slots`` at the operand parts; one node per combination of
+        parts, summed into the node's output. Returns the number of matmul nodes."""
+        combos = list(itertools.product(*operands))
+        for slot, t in zip(slots, combos[0]):
+            node.inputs[slot] = t
+        if len(combos) == 1:
+            return 1
+        out = node.outputs[0]
+        partial = [self.var(f"{node.name}/mptq_part1", np.float32)]
+        node.outputs[0] = partial[0]
+        for i, combo in enumerate(combos[1:], start=2):
+            ins = list(node.inputs)
+            for slot, t in zip(slots, combo):
+                ins[slot] = t
+            o = self.var(f"{node.name}/mptq_part{i}", np.float32)
+            self.node(node.op, f"{node.name}/mptq_twin{i}", ins, [o], node.op, **dict(node.attrs))
+            partial.append(o)
+        acc = partial[0]
+        for i, p in enumerate(partial[1:], start=1):
+            dst = out if i == len(partial) - 1 else self.var(f"{node.name}/mptq_sum{i}", np.float32)
+            self.node("Add", f"{node.name}/mptq_sum{i}", [acc, p], [dst], "Add")
+            acc = dst
+        return len(combos)
+
+    def drop_dead_chain(self, tensor: gs.Tensor) -> None:
+        """Remove the constant-weight chain (Identity/Transpose/Reshape) that fed a replaced weight."""
+        cur = tensor
+        while not isinstance(cur, gs.Constant) and not cur.outputs and cur.name not in self.view.output_names:
+            prod = cur.inputs[0] if cur.inputs else None
+            if prod is None or prod.op not in ("Identity", "Transpose", "Reshape", "Constant") or len(prod.outputs) != 1:
+                return
+            nxt = prod.inputs[0] if prod.inputs else None
+            prod.inputs.clear()
+            prod.outputs.clear()
+            self.graph.nodes.remove(prod)
+            if nxt is None:
+                return
+            cur = nxt
+
+
+def _check_layer(unit: Unit, lp: LayerPlan, plan: QuantPlan) -> None:
+    if len(lp.inputs) != len(unit.inputs):
+        raise PlanError(
+            f"layer {unit.name}: the plan quantizes {len(lp.inputs)} operand(s), the unit has {len(unit.inputs)}"
+        )
+    for i, (aq, t) in enumerate(zip(lp.inputs, unit.inputs)):
+        if unit.role is Role.PATCH_EMBED and plan.input_quant is not None:
+            if not _same_grid(aq, plan.input_quant):
+                raise PlanError(
+                    f"layer {unit.name}: its input quantizer differs from plan.input_quant (the image "
+                    f"entering the patch embedding); make them equal"
+                )
+        elif aq.tensor != t:
+            raise PlanError(f"layer {unit.name}: operand {i} quantizes tensor {aq.tensor!r}, the unit reads {t!r}")
+        if aq.scheme is Scheme.TWIN and unit.op_type == "Conv":
+            raise PlanError(f"layer {unit.name}: a twin-region quantizer on a Conv input is not supported")
+    if unit.role in (Role.ATTN_QK, Role.ATTN_AV):
+        if lp.weight is not None:
+            raise PlanError(f"layer {unit.name}: an attention matmul has no weight to quantize")
+    elif lp.weight is None:
+        raise PlanError(f"layer {unit.name}: a {unit.op_type} unit needs a weight quantizer")
+
+
+def emit_qdq(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    analysis: ModelAnalysis,
+    options: EmitOptions = EmitOptions(),
+) -> tuple[onnx.ModelProto, EmitReport]:
+    """Write ``plan`` into a copy of ``model`` as QDQ (see the module docstring)."""
+    marker = marker_value(plan)
+    digest = plan_digest(plan)
+    existing = {p.key: p.value for p in model.metadata_props}
+    if MARKER_KEY in existing:
+        try:
+            prior = json.loads(existing[MARKER_KEY]).get("plan")
+        except (ValueError, AttributeError):
+            prior = None
+        if prior != digest:
+            raise PlanError(
+                f"the model is already quantized (metadata {MARKER_KEY} = {existing[MARKER_KEY]}); emit from "
+                f"the float model instead"
+            )
+        same = onnx.ModelProto()
+        same.CopyFrom(model)
+        return same, EmitReport(
+            model_digest=analysis.model_digest, plan_digest=digest, marker=marker,
+            symmetric_container=options.symmetric_container.value, range_form=options.range_form.value,
+            notes=("already quantized with this plan: nothing emitted",), already_quantized=True,
+        )
+    opset = opset_of(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"opset {opset} is too old for per-channel QDQ (need >= {MIN_OPSET}); re-export the model with a newer opset"
+        )
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    assign_node_names(m)
+    if graph_digest(m) != analysis.model_digest:
+        raise PlanError(
+            f"the analysis was made for another graph (analysis digest {analysis.model_digest}, model "
+            f"digest {graph_digest(m)})"
+        )
+    if plan.model_digest != analysis.model_digest:
+        raise PlanError(
+            f"the plan was made for another graph (plan model digest {plan.model_digest}, model digest "
+            f"{analysis.model_digest})"
+        )
+    units = {u.name: u for u in analysis.units}
+    unknown = sorted(lp.unit for lp in plan.layers if lp.unit not in units)
+    if unknown:
+        raise PlanError(f"the plan names unit(s) the model does not have: {', '.join(unknown)}")
+    layers = {lp.unit: lp for lp in plan.layers}
+
+    graph = gs.import_onnx(m)
+    em = _Emitter(graph, options)
+    emitted: list[EmittedUnit] = []
+    skipped: list[Skip] = []
+    notes: list[str] = []
+    replaced_weights: list[gs.Tensor] = []
+
+    # checks first, mutation after
+    accepted: list[tuple[Unit, LayerPlan, gs.Node]] = []
+    for unit in analysis.units:
+        lp = layers.get(unit.name)
+        if lp is None:
+            skipped.append(Skip(unit.name, "not in the plan: left in float"))
+            continue
+        node = em.nodes.get(unit.name)
+        if node is None or node.op != unit.op_type:
+            raise PlanError(f"unit {unit.name}: no {unit.op_type} node of that name in the model")
+        _check_layer(unit, lp, plan)
+        for i, t in enumerate(unit.inputs):
+            if node.inputs[i].name != t:
+                raise PlanError(f"unit {unit.name}: input {i} is {node.inputs[i].name!r}, the analysis says {t!r}")
+        accepted.append((unit, lp, node))
+
+    pe_done = False
+    for unit, lp, node in accepted:
+        unit_notes: list[str] = []
+        operands: list[list[gs.Tensor]] = []
+        for i, aq in enumerate(lp.inputs):
+            if unit.role is Role.PATCH_EMBED and plan.input_quant is not None:
+                aq = dataclasses.replace(plan.input_quant, tensor=unit.inputs[i])
+                pe_done = True
+                unit_notes.append("input quantized by plan.input_quant")
+            operands.append(em.activation(node.inputs[i], aq))
+        if lp.weight is not None:
+            old_w = node.inputs[1]
+            wdq = em.weight(unit, node, lp.weight)
+            node.inputs[1] = wdq
+            replaced_weights.append(old_w)
+            if node.op == "Gemm":
+                em.split_gemm_bias(node)
+            operands.append([wdq])
+        n_mm = em.distribute(node, operands, [0, 1])
+        if node.op == "Conv":
+            unit_notes.append("ORT CPU runs DQ -> Conv without an output Q as a float Conv")
+        emitted.append(EmittedUnit(
+            unit=unit.name, role=unit.role.value, op_type=unit.op_type,
+            weight_bits=lp.w_bits, act_bits=tuple(a.bits for a in lp.inputs),
+            schemes=tuple(a.scheme.value for a in lp.inputs), matmuls=n_mm, notes=tuple(unit_notes),
+        ))
+
+    if plan.input_quant is not None and not pe_done:
+        t = em.tensors.get(plan.input_quant.tensor)
+        if t is None or t.name not in {i.name for i in graph.inputs}:
+            raise PlanError(
+                f"plan.input_quant quantizes {plan.input_quant.tensor!r}, which is neither a graph input nor "
+                f"read by a planned patch embedding"
+            )
+        consumers = list(t.outputs)
+        dq = em.activation(t, plan.input_quant)
+        if len(dq) != 1:
+            raise PlanError("plan.input_quant must be a uniform quantizer")
+        for c in consumers:
+            for i, inp in enumerate(c.inputs):
+                if inp is t:
+                    c.inputs[i] = dq[0]
+        notes.append(f"plan.input_quant emitted on graph input {t.name} (no planned patch embedding reads it)")
+
+    graph.nodes.extend(em.new_nodes)
+    for w in replaced_weights:
+        em.drop_dead_chain(w)
+    graph.toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    out.graph.CopyFrom(exported.graph)
+    prop = out.metadata_props.add()
+    prop.key, prop.value = MARKER_KEY, marker
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as e:  # a bug in this pass, not the user's fault
+        raise RuntimeError(f"emit_qdq produced an invalid model: {str(e).splitlines()[0]}") from e
+
+    counts = em.added
+    other = tuple(sorted((k, v) for k, v in counts.items()
+                         if k not in ("QuantizeLinear", "DequantizeLinear", "WeightDequantizeLinear", "Clip")))
+    report = EmitReport(
+        model_digest=analysis.model_digest, plan_digest=digest, marker=marker,
+        symmetric_container=options.symmetric_container.value, range_form=options.range_form.value,
+        quantize_nodes=counts["QuantizeLinear"], dequantize_nodes=counts["DequantizeLinear"],
+        weight_dequantize_nodes=counts["WeightDequantizeLinear"], clip_nodes=counts["Clip"],
+        other_nodes=other, units=tuple(emitted), skipped=tuple(skipped), notes=tuple(notes),
+    )
+    log.info("emitted %d units (%d Q, %d DQ, %d weight DQ, %d Clip); %d skipped", len(emitted),
+             report.quantize_nodes, report.dequantize_nodes, report.weight_dequantize_nodes, report.clip_nodes,
+             len(skipped))
+    return out, report
