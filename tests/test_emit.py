@@ -27,6 +27,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import random_images, tiny_vit
+from tiny_models import tiny_onnx  # noqa: F401  (the fixture)
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Providers, RuntimeConfig
 from onnx_mptq.errors import PlanError, UnsupportedModelError
@@ -335,9 +336,9 @@ def test_mnist_latency_vs_quantize_static(tmp_path: Path) -> None:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind", ["vit", "swin"])
-def test_tiny_timm_units_match_reference(tiny_onnx, tmp_path: Path, kind: str) -> None:
-    path = tiny_onnx(kind)
+@pytest.mark.parametrize("kind,opset", [("vit", 17), ("swin", 17), ("swin", 14)])
+def test_tiny_timm_units_match_reference(tiny_onnx, tmp_path: Path, kind: str, opset: int) -> None:  # noqa: F811
+    path = tiny_onnx(kind, opset)
     model = onnx.load(str(path))
     analysis = analyze(model)
     inp = model.graph.input[0]
