@@ -690,8 +690,7 @@ def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
         dims = new.type.tensor_type.shape.dim
         # keep only the channel (last) dimension as a fact; others become symbolic
         for d in list(dims)[:-1]:
-            d.Clear()
-            d.dim_param = "?"
+            d.Clear()  # unknown
     return out
 
 
