@@ -50,6 +50,7 @@ class QuantizeResult:
     emit_report: Any
     validation: Any | None  # validate.EvaluationReport against the FP32 model, when eval data was given
     timings: dict[str, float]
+    allocation: Any | None = None  # search.mixed.AllocationResult, when mixed precision ran
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -87,7 +88,7 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     tensors = sorted({ln.output for ln in analysis.layernorms if ln.consumers})
     stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=progress_enabled())
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model))
-    smoothed, report = apply_smoothing(prepared, splan, analysis)
+    smoothed, report = apply_smoothing(prepared, splan, analysis, stats=stats)
     return SmoothResult(smoothed, splan, report)
 
 
@@ -127,11 +128,13 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     timings["capture_s"] = time.perf_counter() - t
 
     bits = None
+    allocation = None
     if config.mixed.enabled:
         from .search.mixed import allocate_bits
 
         t = time.perf_counter()
-        bits = allocate_bits(work, analysis, captured, data, config, progress=progress_enabled())
+        allocation = allocate_bits(work, analysis, captured, data, config, progress=progress_enabled())
+        bits = allocation.bits
         timings["allocate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -146,7 +149,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         validation = validate_against(qmodel, source, eval_data, config.runtime)
         timings["validate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings)
+    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation)
 
 
 def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> tuple[onnx.ModelProto, Any]:
@@ -208,7 +211,13 @@ def smooth_file(inp: Path, out: Path, args: Any, config: Config, report_path: Pa
     save_model(res.model, out)
     if report_path is not None:
         write_text_atomic(report_path, res.report.to_json() + "\n")
-    return _smooth_summary(res, out)
+    return _smooth_summary(res, out) + f"\nprovider: {_provider(config)}"
+
+
+def _provider(config: Config) -> str:
+    from .calibrate.session import planned_provider
+
+    return planned_provider(config.runtime)
 
 
 def _smooth_summary(res: SmoothResult, out: Path) -> str:
@@ -225,7 +234,7 @@ def _smooth_summary(res: SmoothResult, out: Path) -> str:
     for n in norms:
         reason = getattr(n, "reason", None)
         if reason:
-            lines.append(f"  {n.name}: {getattr(n.mode, 'value', n.mode)} ({reason})")
+            lines.append(f"  {n.layernorm}: {getattr(n.mode, 'value', n.mode)} ({reason})")
     return "\n".join(lines)
 
 
@@ -264,7 +273,8 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
                      f"avg weight bits {plan.avg_weight_bits:.2f}, avg activation bits {plan.avg_activation_bits:.2f})")
         if args.plan_out:
             lines.append(f"plan written to {args.plan_out}")
-        lines.append("time: " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
+        lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in res.timings.items()))
+    lines.append(f"provider: {_provider(config)}")
     if validation is not None:
         d = validation.to_dict()
         lines.append(

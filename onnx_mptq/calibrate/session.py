@@ -123,6 +123,19 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def planned_provider(runtime: RuntimeConfig) -> str:
+    """The provider sessions for ``runtime`` run on (CUDA only where it really loads)."""
+    choice = Providers(runtime.providers)
+    if choice is Providers.CPU:
+        return CPU
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return CUDA
+    if choice is Providers.CUDA:
+        raise ProviderError(f"CUDAExecutionProvider cannot be loaded on this machine: {reason}")
+    return CPU
+
+
 def _quiet_session(model: bytes | str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     """Create a session with ORT's logging silenced, for attempts that may fail noisily."""
     options.log_severity_level = _QUIET

@@ -143,7 +143,7 @@ def collect_channel_stats(
     session = make_session(_with_outputs(model, names), runtime, optimize=True)
     accs = {n: _Acc() for n in names}
     samples = 0
-    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    total = getattr(data, "num_batches", None) or (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
     quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
     for batch in tqdm(data, total=total, desc="calibration statistics", unit="batch", disable=quiet, leave=False):
         inputs = batch.inputs if hasattr(batch, "inputs") else batch  # a Batch, or a plain dict of arrays
