@@ -23,7 +23,8 @@ from typing import Any, Iterable
 import onnx
 
 from .config import Config, RuntimeConfig
-from .errors import ConfigError, DataError, PlanError
+from .data import check_shapes_fit
+from .errors import ConfigError, DataError, OutputError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
 from .graph.io import graph_digest, load_model, save_model, write_text_atomic
 from .plan import QuantPlan, SmoothingPlan
@@ -65,11 +66,15 @@ def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 def _data(spec: Any, model: onnx.ModelProto, batch_size: int, limit: int | None):
     from .data import DataSource, input_specs, open_data
 
-    if isinstance(spec, DataSource):
-        return spec
     if spec is None:
         raise DataError("no calibration data given (pass --calib DATA)")
-    return open_data(spec, input_specs(model), limit=limit, batch_size=batch_size)
+    ds = spec if isinstance(spec, DataSource) else open_data(spec, input_specs(model), limit=limit, batch_size=batch_size)
+    if not ds.reiterable:
+        # the pipeline reads calibration data several times (statistics, capture, sensitivity):
+        # a one-shot reader or generator is read once into memory (calibration sets are small)
+        log.info("%s can be read only once; keeping its batches in memory", ds.name)
+        ds = open_data(list(ds), input_specs(model), batch_size=batch_size)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +90,7 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     prepared = prepared if prepared is not None else prepare(model)
     analysis = analysis if analysis is not None else analyze(prepared, prepared=True)
     data = _data(calib, prepared, config.calib.batch_size, config.calib.limit)
+    check_shapes_fit(prepared, data)
     tensors = sorted({ln.output for ln in analysis.layernorms if ln.consumers})
     stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=progress_enabled())
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model))
@@ -110,6 +116,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     analysis0 = analyze(prepared, prepared=True)
     timings["analyse_s"] = time.perf_counter() - t0
     data = _data(calib, prepared, config.calib.batch_size, config.calib.limit)
+    check_shapes_fit(prepared, data)
 
     splan = None
     sreport = None
@@ -183,6 +190,7 @@ def validate_against(qmodel: onnx.ModelProto, reference: onnx.ModelProto, data: 
     from .validate import evaluate
 
     ds = data if isinstance(data, DataSource) else open_data(data, input_specs(reference), batch_size=batch_size or runtime.batch_size)
+    check_shapes_fit(reference, ds)
     return evaluate(qmodel, ds, runtime, reference=reference, latency_batch_size=batch_size or runtime.batch_size,
                     progress=progress_enabled())
 
@@ -201,6 +209,8 @@ def _data_from_args(args: Any, spec: str, model: onnx.ModelProto, batch_size: in
 def _check_output_path(inp: Path, out: Path) -> None:
     if inp.resolve() == out.resolve():
         raise ConfigError(f"{out}: the output would overwrite the input model; choose another path")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name for the output")
 
 
 def smooth_file(inp: Path, out: Path, args: Any, config: Config, report_path: Path | None = None) -> str:
@@ -247,8 +257,11 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             text = Path(args.plan).read_text()
         except FileNotFoundError:
             raise PlanError(f"{args.plan}: no such plan file") from None
-        plan = QuantPlan.from_json(text)
-        qmodel, _ = emit_from_plan(source, plan)
+        try:
+            plan = QuantPlan.from_json(text)
+            qmodel, _ = emit_from_plan(source, plan)
+        except PlanError as e:  # name the plan file
+            raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
         validation = None
         if args.eval:
             validation = validate_against(qmodel, source, _data_from_args(args, args.eval, source, config.runtime.batch_size, None), config.runtime)
@@ -293,8 +306,10 @@ def demo_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def run_demo(config: Config, out_dir: Path | None = None) -> str:
-    """Whole pipeline on the embedded digits ViT: FP32 against quantized settings, as a table."""
+def run_demo(config: Config, out_dir: Path | None = None, only: Iterable[str] | None = None) -> str:
+    """Whole pipeline on the embedded digits ViT: FP32 against quantized settings, as a table.
+
+    ``only`` keeps the named rows (``W8A8``, ``W6A6``, ``W4A4``, ``MP5``); default all."""
     from .data import input_specs, open_data
     from .validate import evaluate
 
@@ -312,6 +327,12 @@ def run_demo(config: Config, out_dir: Path | None = None) -> str:
     settings = [("W8A8", 8, 8, False), ("W6A6", 6, 6, False), ("W4A4", 4, 4, False)]
     if _mixed_available():
         settings.append(("MP5 (W/A)", 8, 8, True))
+    if only is not None:
+        wanted = set(only)
+        unknown = sorted(wanted - {label.split()[0] for label, *_ in settings})
+        if unknown:
+            raise ConfigError(f"demo: unknown setting(s) {', '.join(unknown)} (known: {', '.join(x[0].split()[0] for x in settings)})")
+        settings = [x for x in settings if x[0].split()[0] in wanted]
     keep_dir = out_dir
     tmp = None
     if keep_dir is None:
