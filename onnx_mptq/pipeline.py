@@ -277,7 +277,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
         if args.report:
             from .report import write_report
 
-            write_report(Path(args.report), res, source)
+            write_report(Path(args.report), res, source, calib=calib, eval_data=eval_ds, runtime=config.runtime)
         # every stage succeeded: write the outputs
         if args.plan_out:
             write_text_atomic(args.plan_out, plan.to_json() + "\n")

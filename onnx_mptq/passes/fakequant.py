@@ -1,0 +1,451 @@
+"""A parametric fake-quant graph: one float model whose quantization parameters are graph inputs.
+
+Mixed-precision search evaluates hundreds of bit assignments. Emitting a QDQ model and building
+an ONNX Runtime session for each would dominate the cost, so :func:`build_param_graph` builds
+ONE float graph in which every planned operand is fake-quantized with parameters fed at run time.
+Any assignment is then one ``session.run`` with different feeds.
+
+Activation operands (per unit and operand, so units reading one tensor get their own quantizer).
+``s`` is the step, ``[cmin, cmax]`` the allowed codes relative to the zero point
+(``qmin - z, qmax - z``)::
+
+    uniform form:   FQ(x; s, cmin, cmax) = clip(round(x / s), cmin, cmax) * s
+
+This is what the emitted ``QuantizeLinear -> Clip(codes) -> DequantizeLinear`` computes value
+for value (``round(x / s) + z`` clipped to ``[qmin, qmax]``, then ``(q - z) * s``; float32
+division and half-to-even rounding in both). Operands that may carry an OPT-m twin-region
+quantizer (the input of a Linear behind a GELU, operand 0 of ``P @ V`` behind a Softmax) get::
+
+    split form:     y = FQ(where(x < t, x, 0); s1, c1min, c1max) + FQ(where(x < t, 0, x); s2, c2min, c2max)
+
+which covers all three quantizers of a plan (with ``n = 2^(k-1) - 1``, ``d2 = 2^m d1``):
+
+    ============  ============  ====================  ====================
+    quantizer     t             region 1              region 2
+    ============  ============  ====================  ====================
+    uniform       +inf          s, qmin - z, qmax - z  (gets 0)
+    twin GELU     0             d1, -n, 0             d2, 0, n
+    twin Softmax  split         d1, 0, n              d2, 0, n
+    ============  ============  ====================  ====================
+
+(the twin GELU row equals the emitted ``Q(x; d1)[-n, 0] + Q(x; d2)[0, n]`` because the code
+clips make each region zero outside its half-line).
+
+Weights: the node's weight input is replaced by a graph input of the layout the node reads
+(MatMul ``(K, N)``, Gemm ``B`` in its own layout, Conv ``(O, I, kh, kw)``), so a caller feeds
+pre-fake-quantized weights (:func:`fake_quant_weight_as_read`), the same grid values the emitted
+``DequantizeLinear`` produces.
+
+Scalar parameters are rank-0 float32 graph inputs named ``mptq_fq/<unit>/a<i>/<param>``; weights
+are ``mptq_fq/<unit>/w``. :class:`ParamGraph` records which inputs belong to which unit and
+:meth:`ParamGraph.feeds` turns plan records (:class:`~onnx_mptq.plan.LayerPlan`) into feeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import PlanError, UnsupportedModelError
+from ..graph.analysis import GELU_KINDS, Activation, GraphView, ModelAnalysis, Role, Unit
+from ..graph.io import assign_node_names, graph_digest
+from ..numerics.quant import UniformParams, fake_quant, qrange
+from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mptq_fq"
+UNIFORM_PARAMS = ("s", "cmin", "cmax")
+SPLIT_PARAMS = ("t", "s1", "c1min", "c1max", "s2", "c2min", "c2max")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSlot:
+    """The fake quantizer in front of operand ``operand`` of ``unit``."""
+
+    unit: str
+    operand: int
+    tensor: str  # the float tensor quantized
+    split: bool  # split form (can hold a twin-region quantizer) or uniform form
+    inputs: tuple[str, ...]  # graph input names, in UNIFORM_PARAMS / SPLIT_PARAMS order
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightSlot:
+    """The graph input replacing ``unit``'s weight, in the layout the node reads."""
+
+    unit: str
+    input: str
+    axis: int  # output-channel axis of the read layout (MatMul 1, Gemm transB 0 / else 1, Conv 0)
+    weight: np.ndarray  # float32 weight as the node reads it (the values being fake-quantized)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamGraph:
+    """The parametric model and the map from units to its parameter inputs."""
+
+    model: onnx.ModelProto
+    model_digest: str  # the float graph it was built from (``ModelAnalysis.model_digest``)
+    data_inputs: tuple[str, ...]  # the original graph inputs (the image)
+    acts: tuple[ActSlot, ...]
+    weights: tuple[WeightSlot, ...]
+
+    def act_slots(self, unit: str) -> tuple[ActSlot, ...]:
+        return tuple(s for s in self.acts if s.unit == unit)
+
+    def weight_slot(self, unit: str) -> WeightSlot | None:
+        for s in self.weights:
+            if s.unit == unit:
+                return s
+        return None
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for s in self.acts:
+            seen.setdefault(s.unit, None)
+        for w in self.weights:
+            seen.setdefault(w.unit, None)
+        return tuple(seen)
+
+    def act_feeds(self, layer: LayerPlan) -> dict[str, np.ndarray]:
+        """Scalar feeds of every activation operand of ``layer``."""
+        slots = self.act_slots(layer.unit)
+        if len(slots) != len(layer.inputs):
+            raise PlanError(f"layer {layer.unit}: {len(layer.inputs)} operand quantizer(s), the graph has {len(slots)}")
+        out: dict[str, np.ndarray] = {}
+        for slot, aq in zip(slots, layer.inputs):
+            vals = act_values(aq, slot.split, where=f"layer {layer.unit} operand {slot.operand}")
+            out.update({name: v for name, v in zip(slot.inputs, vals)})
+        return out
+
+    def weight_feed(self, layer: LayerPlan) -> tuple[str, np.ndarray] | None:
+        """``(input name, fake-quantized weight)`` of ``layer``, or None for a unit without weight."""
+        slot = self.weight_slot(layer.unit)
+        if slot is None:
+            if layer.weight is not None:
+                raise PlanError(f"layer {layer.unit}: the graph has no weight input for it")
+            return None
+        if layer.weight is None:
+            raise PlanError(f"layer {layer.unit}: a weight quantizer is needed")
+        return slot.input, fake_quant_weight_as_read(slot.weight, layer.weight, slot.axis)
+
+    def feeds(self, layers: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:
+        """Every parameter feed for ``layers`` (one per unit of the graph; weights computed here,
+        callers that evaluate often should cache :meth:`weight_feed` per quantizer)."""
+        missing = [u for u in self.units if u not in layers]
+        if missing:
+            raise PlanError(f"no quantizer for unit(s) {', '.join(missing[:5])}")
+        out: dict[str, np.ndarray] = {}
+        for unit in self.units:
+            out.update(self.act_feeds(layers[unit]))
+            wf = self.weight_feed(layers[unit])
+            if wf is not None:
+                out[wf[0]] = wf[1]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+
+
+def act_values(aq: ActQuant, split: bool, where: str = "operand") -> tuple[np.ndarray, ...]:
+    """The scalar parameters (float32, rank 0) of ``aq`` in the slot's form (module docstring)."""
+    f = np.float32
+    if aq.scheme is Scheme.UNIFORM:
+        qmin, qmax = qrange(aq.bits, aq.symmetric)
+        s, cmin, cmax = f(aq.scale), f(qmin - aq.zero_point), f(qmax - aq.zero_point)
+        if not split:
+            return (np.array(s), np.array(cmin), np.array(cmax))
+        return tuple(np.array(v, dtype=np.float32) for v in (np.inf, s, cmin, cmax, s, 0.0, 0.0))
+    if not split:
+        raise PlanError(f"{where}: a twin-region quantizer on an operand without a twin slot")
+    kind = aq.twin_kind.value if aq.twin_kind is not None else None
+    n = 2 ** (aq.bits - 1) - 1
+    d1 = f(aq.delta1)
+    d2 = f(float(d1) * 2.0 ** int(aq.m))  # exact power-of-two multiple
+    if kind == "gelu":
+        vals = (0.0, d1, -n, 0, d2, 0, n)
+    elif kind == "softmax":
+        t = float(d1) * 2 ** (aq.bits - 1) if aq.split is None else aq.split
+        vals = (t, d1, 0, n, d2, 0, n)
+    else:
+        raise PlanError(f"{where}: unknown twin kind {kind!r}")
+    return tuple(np.array(v, dtype=np.float32) for v in vals)
+
+
+def fake_quant_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> np.ndarray:
+    """Symmetric per-channel fake quantization of a weight in the layout its node reads."""
+    scales = np.asarray(wq.scales, dtype=np.float32)
+    if scales.shape[0] != w.shape[axis]:
+        raise PlanError(f"{scales.shape[0]} weight scales for {w.shape[axis]} output channels")
+    p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
+    return np.ascontiguousarray(fake_quant(w, p))
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+
+def twin_capable(unit: Unit, operand: int) -> bool:
+    """Operands an OPT-m twin-region quantizer may be planned on (they get the split form)."""
+    if operand != 0 or unit.role in (Role.ATTN_QK, Role.PATCH_EMBED):
+        return False
+    if unit.role is Role.ATTN_AV:
+        return True
+    return unit.activation in GELU_KINDS or unit.activation is Activation.SOFTMAX
+
+
+def _weight_axis(node: gs.Node) -> int:
+    if node.op == "MatMul":
+        return 1
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 0  # Conv
+
+
+class _Builder:
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self.new_nodes: list[gs.Node] = []
+
+    def name(self, base: str) -> str:
+        cand, k = base, 1
+        while cand in self.used:
+            cand = f"{base}_{k}"
+            k += 1
+        self.used.add(cand)
+        return cand
+
+    def scalar_input(self, name: str) -> gs.Variable:
+        v = gs.Variable(self.name(name), dtype=np.float32, shape=())
+        self.graph.inputs.append(v)
+        return v
+
+    def op(self, op: str, base: str, inputs: list, dtype=np.float32) -> gs.Variable:
+        out = gs.Variable(self.name(f"{base}/{op.lower()}_out"), dtype=dtype)
+        self.new_nodes.append(gs.Node(op=op, name=self.name(f"{base}/{op}"), inputs=inputs, outputs=[out]))
+        return out
+
+    def fq(self, x: gs.Tensor, s: gs.Tensor, cmin: gs.Tensor, cmax: gs.Tensor, base: str) -> gs.Variable:
+        """clip(round(x / s), cmin, cmax) * s"""
+        q = self.op("Div", base, [x, s])
+        q = self.op("Round", base, [q])
+        q = self.op("Clip", base, [q, cmin, cmax])
+        return self.op("Mul", base, [q, s])
+
+
+def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
+                      units: tuple[str, ...] | None = None) -> ParamGraph:
+    """The parametric fake-quant model of ``model`` (the float graph ``analysis`` describes).
+
+    Every unit of ``analysis`` (or only ``units``) gets fake quantizers on its activation operands
+    and a weight graph input; the caller's proto is not modified. Graph outputs are unchanged.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    assign_node_names(m)
+    digest = graph_digest(m)
+    if digest != analysis.model_digest:
+        raise PlanError(f"the analysis was made for another graph (analysis {analysis.model_digest}, model {digest})")
+    wanted = None if units is None else set(units)
+    graph = gs.import_onnx(m)
+    data_inputs = tuple(t.name for t in graph.inputs)
+    view = GraphView(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    b = _Builder(graph)
+    acts: list[ActSlot] = []
+    weights: list[WeightSlot] = []
+    plan: list[tuple[Unit, gs.Node]] = []
+    for unit in analysis.units:  # checks first
+        if wanted is not None and unit.name not in wanted:
+            continue
+        node = nodes.get(unit.name)
+        if node is None or node.op != unit.op_type:
+            raise PlanError(f"unit {unit.name}: no {unit.op_type} node of that name in the model")
+        for i, t in enumerate(unit.inputs):
+            if node.inputs[i].name != t:
+                raise PlanError(f"unit {unit.name}: input {i} is {node.inputs[i].name!r}, the analysis says {t!r}")
+        if unit.role not in (Role.ATTN_QK, Role.ATTN_AV) and view.const(node.inputs[1]) is None:
+            raise UnsupportedModelError(f"unit {unit.name}: its weight is not a constant")
+        plan.append((unit, node))
+    for unit, node in plan:
+        base = f"{PREFIX}/{unit.name}"
+        for i, t in enumerate(unit.inputs):
+            x = node.inputs[i]
+            ab = f"{base}/a{i}"
+            if twin_capable(unit, i):
+                t_, s1, c1a, c1b, s2, c2a, c2b = (b.scalar_input(f"{ab}/{p}") for p in SPLIT_PARAMS)
+                mask = b.op("Less", ab, [x, t_], dtype=np.bool_)
+                zero = gs.Constant(b.name(f"{ab}/zero"), np.array(0.0, dtype=np.float32))
+                lo = b.op("Where", f"{ab}/low", [mask, x, zero])
+                hi = b.op("Where", f"{ab}/high", [mask, zero, x])
+                y = b.op("Add", ab, [b.fq(lo, s1, c1a, c1b, f"{ab}/r1"), b.fq(hi, s2, c2a, c2b, f"{ab}/r2")])
+                names = tuple(v.name for v in (t_, s1, c1a, c1b, s2, c2a, c2b))
+                split = True
+            else:
+                s, ca, cb = (b.scalar_input(f"{ab}/{p}") for p in UNIFORM_PARAMS)
+                y = b.fq(x, s, ca, cb, ab)
+                names = (s.name, ca.name, cb.name)
+                split = False
+            node.inputs[i] = y
+            acts.append(ActSlot(unit.name, i, t, split, names))
+        if unit.role in (Role.ATTN_QK, Role.ATTN_AV):
+            continue
+        w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
+        wv = gs.Variable(b.name(f"{base}/w"), dtype=np.float32, shape=list(w.shape))
+        graph.inputs.append(wv)
+        node.inputs[1] = wv
+        weights.append(WeightSlot(unit.name, wv.name, _weight_axis(node), w))
+    graph.nodes.extend(b.new_nodes)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    out.graph.CopyFrom(exported.graph)
+    log.debug("parametric graph: %d activation quantizers, %d weight inputs", len(acts), len(weights))
+    return ParamGraph(model=out, model_digest=digest, data_inputs=data_inputs, acts=tuple(acts), weights=tuple(weights))
+
+
+# ---------------------------------------------------------------------------------------------
+# stages: the parametric graph cut where little is alive, for evaluations that start mid-network
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage:
+    """A contiguous run of the parametric graph's nodes as a model of its own.
+
+    ``inputs``: the cut tensors it reads from the previous stage (for the first stage none) plus
+    the data inputs it reads; ``params``: the parameter inputs it reads; ``outputs``: the cut
+    tensors the next stages need (the graph outputs for the last stage)."""
+
+    model: onnx.ModelProto
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def _static_tensors(g: onnx.GraphProto) -> set[str]:
+    """Tensors computable from initializers alone (Constant nodes and what follows them)."""
+    static = {i.name for i in g.initializer}
+    for n in g.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            continue
+        if all((not t) or t in static for t in n.input):
+            static.update(o for o in n.output if o)
+    return static
+
+
+def split_stages(pg: ParamGraph, max_stages: int = 8) -> tuple[Stage, ...]:
+    """Cut ``pg.model`` into stages (at most ``max_stages``) so that an evaluation that changes
+    only the parameters of later units can start from cached cut tensors.
+
+    A cut is placed between two nodes (in the graph's topological order) where exactly one float
+    tensor, plus any number of non-float (shape) tensors, is computed before and still read after
+    (initializer-only computations excluded, as each stage recomputes them); per unit, the latest
+    such cut before the first node reading the unit's parameters is used. Returns one stage (the
+    whole graph) when no cut exists or the graph has subgraphs."""
+    m = pg.model
+    g = m.graph
+    nodes = list(g.node)
+    data = set(pg.data_inputs)
+    params = {i.name for i in g.input} - data
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
+    static = _static_tensors(g)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    vinfo = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    prod: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        if all(o in static for o in n.output if o):
+            continue
+        for o in n.output:
+            if o:
+                prod[o] = i
+        for t in n.input:
+            if t and t not in static and t not in data and t not in params:
+                last[t] = max(last.get(t, -1), i)
+    for o in g.output:
+        last[o.name] = len(nodes)
+    # live dynamic tensors after each node, by a sweep
+    starts: dict[int, list[str]] = {}
+    for t, p in prod.items():
+        if last.get(t, -1) > p:
+            starts.setdefault(p, []).append(t)
+    live: set[str] = set()
+    valid: dict[int, tuple[str, ...]] = {}  # boundary after node i -> cut tensors
+    for i in range(len(nodes) - 1):
+        live.update(starts.get(i, ()))
+        live = {t for t in live if last[t] > i}
+        floats = [t for t in live if types.get(t) == onnx.TensorProto.FLOAT]
+        if len(floats) == 1 and all(t in types for t in live):
+            valid[i] = tuple(sorted(live))
+    first_param_use: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t in params and t not in first_param_use:
+                first_param_use[t] = i
+    unit_first = {}
+    for s in pg.acts:
+        for name in s.inputs:
+            unit_first[s.unit] = min(unit_first.get(s.unit, len(nodes)), first_param_use.get(name, len(nodes)))
+    for w in pg.weights:
+        unit_first[w.unit] = min(unit_first.get(w.unit, len(nodes)), first_param_use.get(w.input, len(nodes)))
+    cuts: list[int] = []
+    bounds = sorted(valid)
+    for pos in sorted(unit_first.values()):
+        cand = [b for b in bounds if b < pos]
+        if cand and (not cuts or cand[-1] > cuts[-1]):
+            cuts.append(cand[-1])
+    if len(cuts) > max_stages - 1:
+        keep = np.unique(np.linspace(0, len(cuts) - 1, max_stages - 1).round().astype(int))
+        cuts = [cuts[k] for k in keep]
+    if not cuts:
+        return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
+
+    def value_info(name: str) -> onnx.ValueInfoProto:
+        if name in vinfo:
+            v = onnx.ValueInfoProto()
+            v.CopyFrom(vinfo[name])
+            return v
+        return onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+
+    inits = {i.name: i for i in g.initializer}
+    stages: list[Stage] = []
+    edges = [-1, *cuts, len(nodes) - 1]
+    for k in range(len(edges) - 1):
+        lo, hi = edges[k] + 1, edges[k + 1]
+        part = nodes[lo:hi + 1]
+        read = [t for n in part for t in n.input if t]
+        cut_in = valid[edges[k]] if k > 0 else ()
+        ins = tuple(dict.fromkeys([*cut_in, *(t for t in read if t in data)]))
+        used_params = tuple(dict.fromkeys(t for t in read if t in params))
+        outs = valid[hi] if k < len(edges) - 2 else tuple(o.name for o in g.output)
+        produced = {o for n in part for o in n.output}
+        # static tensors produced by earlier stages are recomputed here: pull in their nodes
+        needed_static = {t for t in read if t in static and t not in inits and t not in produced}
+        extra_idx: list[int] = []
+        for j in range(lo - 1, -1, -1):
+            if needed_static and any(o in needed_static for o in nodes[j].output):
+                extra_idx.append(j)
+                needed_static.update(t for t in nodes[j].input if t and t in static and t not in inits)
+        extra = [nodes[j] for j in sorted(extra_idx)]
+        all_nodes = extra + part
+        init_names = dict.fromkeys(t for n in all_nodes for t in n.input if t in inits)
+        graph = onnx.helper.make_graph(
+            all_nodes, f"{g.name}_stage{k}",
+            [value_info(t) for t in (*ins, *used_params)],
+            [value_info(t) for t in outs],
+            [inits[t] for t in init_names],
+        )
+        sm = onnx.helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+        stages.append(Stage(sm, ins, used_params, outs))
+    log.debug("parametric graph in %d stages", len(stages))
+    return tuple(stages)
