@@ -93,9 +93,24 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     check_shapes_fit(prepared, data)
     tensors = sorted({ln.output for ln in analysis.layernorms if ln.consumers})
     stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=progress_enabled())
-    splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model))
+    samples = None
+    if config.smooth.alpha_search:
+        samples = _layernorm_samples(prepared, analysis, data, config)
+    splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model), samples=samples)
     smoothed, report = apply_smoothing(prepared, splan, analysis, stats=stats)
     return SmoothResult(smoothed, splan, report)
+
+
+def _layernorm_samples(prepared: onnx.ModelProto, analysis: ModelAnalysis, data: Any, config: Config) -> dict:
+    """Token rows of every smoothed LayerNorm output (alpha search): the captured inputs of its
+    first consumer Linear, which reads the LayerNorm output through channel-preserving ops."""
+    from .calibrate.capture import capture_unit_inputs
+
+    wanted = {ln.consumers[0] for ln in analysis.layernorms if ln.consumers}
+    sub = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.name in wanted))
+    captured = capture_unit_inputs(prepared, sub, data, config.runtime, tokens_per_layer=config.calib.tokens_per_layer,
+                                   seed=config.seed, progress=progress_enabled())
+    return {ln.output: captured[ln.consumers[0]].rows for ln in analysis.layernorms if ln.consumers}
 
 
 def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Config = Config(), *,

@@ -106,3 +106,13 @@ def test_sqb_and_optm_are_applied_by_default() -> None:
     assert off.plan.smoothing is None
     assert not [q for lp in off.plan.layers for q in lp.inputs if q.scheme.value == "twin"]
     assert np.isfinite(off.plan.avg_weight_bits)
+
+
+def test_alpha_search_through_the_pipeline() -> None:
+    m = tiny_vit(seed=11)
+    x = random_images(16, seed=2)
+    grid = (0.3, 0.5, 0.7)
+    res = onnx_mptq.smooth(m, [{"input": x}], Config(runtime=CPU, smooth=SmoothConfig(alpha_search=True, alpha_grid=grid)))
+    alphas = {n.alpha for n in res.plan.norms if n.consumers}
+    assert alphas and alphas <= set(grid)
+    assert compare_outputs(m, res.model, [{"input": x}], CPU).rel_max_abs < 1e-4
