@@ -121,6 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import check_shapes_fit
     from .graph.io import load_model, write_text_atomic
     from .validate import evaluate
 
@@ -128,6 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     reference = load_model(args.reference) if args.reference else None
     data = _open_data(args, args.data, model, runtime.batch_size)
+    check_shapes_fit(model, data)
     report = evaluate(model, data, runtime, reference=reference, latency_batch_size=runtime.batch_size)
     doc = {k: v for k, v in report.to_dict().items() if k not in ("kind", "schema_version")}
     if args.json:
@@ -344,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-mptq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`onnx-mptq inspect m.onnx | head`): not an error
+        try:
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return 0
 
 
 def _entry() -> None:  # pragma: no cover - console script shim

@@ -32,6 +32,7 @@ import enum
 import logging
 import math
 import os
+import re
 import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -379,6 +380,81 @@ def _check_finite(where: str, batch: Batch, first_sample: int, batch_index: int)
             )
 
 
+def _check_same_shape(where: str, specs: Mapping[str, InputSpec], batch: Batch, first: dict[str, tuple[int, ...]], index: int) -> None:
+    """Dynamic non-batch dims are fixed by the first batch: one model graph, one set of shapes."""
+    for name in sorted(batch.inputs):
+        spec = specs.get(name)
+        if spec is None or all(isinstance(d, int) for d in spec.shape[1:]):
+            continue
+        got = tuple(batch.inputs[name].shape[1:])
+        want = first.setdefault(name, got)
+        if got != want:
+            raise DataError(
+                f"{where}: input {name!r} has per-sample shape {_fmt_shape(got)} in batch {index} but "
+                f"{_fmt_shape(want)} in batch 0; the model's dynamic dims must be the same throughout the data"
+            )
+
+
+def check_shapes_fit(model: onnx.ModelProto, data: DataSource) -> None:
+    """Check that ``model`` accepts the shapes ``data`` gives its dynamic (non-batch) input dims.
+
+    The data resolves such dims, so the file checks of :func:`open_data` cannot; instead ONNX
+    shape inference (strict, with data propagation) runs twice: with the declared symbolic dims,
+    then with the first batch's. A model that infers cleanly the first time but not the second
+    cannot run on this data: :class:`DataError` naming the node. Nothing to check for static
+    inputs; skipped (with a debug note) for one-shot sources, which peeking would consume, for
+    protos past 2 GB, and for models shape inference cannot follow even symbolically.
+    """
+    specs = input_specs(model)
+    dynamic = sorted(n for n, sp in specs.items() if any(not isinstance(d, int) for d in sp.shape[1:]))
+    if not dynamic:
+        return
+    if not data.reiterable:
+        log.debug("%s: one-shot source; dynamic input dims are not checked before running", data.name)
+        return
+    try:
+        if model.ByteSize() > 2**31 - 1:
+            return
+    except Exception:  # noqa: BLE001 - ByteSize can fail past 2 GB
+        return
+    batch = next(iter(data))  # an empty source raises DataError("no samples") here
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    try:
+        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - the model itself defeats strict inference: nothing to learn
+        log.debug("%s: strict shape inference fails on the model itself (%s); dynamic dims not checked",
+                  data.name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return
+    for vi in probe.graph.input:
+        if vi.name not in dynamic or vi.name not in batch.inputs:
+            continue
+        got = batch.inputs[vi.name].shape
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if axis > 0 and not (d.HasField("dim_value") and d.dim_value > 0) and axis < len(got):
+                d.Clear()
+                d.dim_value = int(got[axis])
+    try:
+        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        shapes = ", ".join(
+            f"{n!r} {_fmt_shape(batch.inputs[n].shape[1:])} for {_fmt_shape(specs[n].shape[1:])}" for n in dynamic if n in batch.inputs
+        )
+        raise DataError(
+            f"{data.name}: the model cannot take the data's sample shape ({shapes}): {_inference_failure(str(e))}"
+        ) from None
+
+
+def _inference_failure(text: str) -> str:
+    """First failing node of an ONNX InferenceError, e.g. "node 'add_3' (Add): Incompatible dimensions"."""
+    m = re.search(r"\(op_type:(\w+), node name: ([^)]*)\): (?:\[\w+\] )?([^\n(]*)", text)
+    if m:
+        return f"node {m.group(2)!r} ({m.group(1)}): {m.group(3).strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else "shape inference failed"
+    return first[:200]
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
@@ -421,8 +497,10 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Batch]:
         produced = 0
+        first: dict[str, tuple[int, ...]] = {}  # per-sample shape of batch 0, for the dynamic dims
         for index, batch in enumerate(self._batches()):
             _check_finite(self.name, batch, produced, index)
+            _check_same_shape(self.name, self.specs, batch, first, index)
             produced += batch.size
             yield batch
         if produced == 0:
@@ -459,13 +537,28 @@ class _NpyMember:
             return z[self.name]
 
     def chunks(self, rows: int, total: int) -> Iterator[np.ndarray]:
-        """Consecutive row blocks of ``rows`` along dim 0, ``total`` rows in all."""
-        if self.offset is not None or self.fortran:
+        """Consecutive row blocks of ``rows`` along dim 0, ``total`` rows in all.
+
+        Stored members are read block by block with plain file reads, not through a memory map:
+        mapped pages stay resident until the map goes away, so the process's RSS would grow with
+        the size of the data (tools/bench_memory.py)."""
+        row_items = math.prod(self.shape[1:])
+        row_bytes = row_items * self.dtype.itemsize
+        if self.fortran:  # rare (np.savez of a transposed array): read whole
             arr = self.full()
             for i in range(0, total, rows):
-                yield np.asarray(arr[i : min(i + rows, total)])
+                yield np.ascontiguousarray(arr[i : min(i + rows, total)])
             return
-        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        if self.offset is not None:
+            with open(self.path, "rb") as raw:
+                for i in range(0, total, rows):
+                    n = min(rows, total - i)
+                    raw.seek(self.offset + i * row_bytes)
+                    a = np.fromfile(raw, dtype=self.dtype, count=n * row_items)
+                    if a.size != n * row_items:
+                        raise DataError(f"{self.path}: array {self.name!r} is truncated")
+                    yield a.reshape((n, *self.shape[1:]))
+            return
         with zipfile.ZipFile(self.path) as zf, zf.open(self.name + ".npy") as f:
             _read_npy_header(f)
             for i in range(0, total, rows):

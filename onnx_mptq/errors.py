@@ -40,6 +40,10 @@ class PlanError(MptqError):
     """A plan is malformed, of an unknown version, or made for another model."""
 
 
+class OutputError(MptqError):
+    """An output file cannot be written (permissions, a folder in the way, disk full)."""
+
+
 class ProviderError(MptqError):
     """A requested ONNX Runtime execution provider cannot be used."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, OutputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,11 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path, path: Path
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (with its external data), refusing unsafe or corrupt input."""
+    """Read an ONNX file (with its external data), refusing unsafe or corrupt input.
+
+    Order matters: the opset is checked before the ONNX checker (an old export should hear
+    "re-export", not a schema complaint), external-data locations before anything reads them, and
+    the checker runs on the file (so it also works for models whose weights pass 2 GB)."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file")
@@ -62,12 +67,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from None
     if len(model.graph.node) == 0 and len(model.graph.initializer) == 0:
         raise ModelLoadError(f"{p}: not a readable ONNX model (empty or corrupt graph)")
+    _check_opset(model, str(p))
     _check_external_locations(model, p.parent, p)
+    _run_checker(str(p), str(p))
+    _check_float32(model, str(p))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
         raise ModelLoadError(f"{p}: cannot read external data ({e})") from None
-    preflight(model, str(p))
     return model
 
 
@@ -79,18 +86,38 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def preflight(model: onnx.ModelProto, where: str = "model") -> None:
-    """Checks every stage relies on: well-formed graph, opset, float32 inputs/outputs."""
+    """Checks every stage relies on: opset, well-formed graph, float32 inputs/outputs/weights."""
+    _check_opset(model, where)
     try:
-        onnx.checker.check_model(model, full_check=False)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
-        raise ModelLoadError(f"{where}: fails the ONNX checker: {first[:200]}") from None
+        too_big = model.ByteSize() > _PROTOBUF_LIMIT
+    except Exception:  # noqa: BLE001 - ByteSize itself can fail past 2 GB
+        too_big = True
+    if too_big:  # the checker serializes the proto; load_model checks such models by path
+        log.debug("%s: passes 2 GB in memory; skipping the ONNX checker", where)
+    else:
+        _run_checker(model, where)
+    _check_float32(model, where)
+
+
+def _check_opset(model: onnx.ModelProto, where: str) -> None:
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(
-            f"{where}: opset {opset} is too old (need >= {MIN_OPSET} for per-channel QDQ); re-export "
-            f"with a newer opset, e.g. `onnx-mptq export NAME --opset 17` or torch.onnx.export(..., opset_version=17)"
+            f"{where}: opset {opset} is too old: QDQ with per-channel weight scales needs opset >= {MIN_OPSET} "
+            f"(every bit width, 2 to 8, is stored in int8/uint8, so no newer opset is needed); re-export with a "
+            f"newer opset, e.g. `onnx-mptq export NAME --opset 17` or torch.onnx.export(..., opset_version=17)"
         )
+
+
+def _run_checker(target: onnx.ModelProto | str, where: str) -> None:
+    try:
+        onnx.checker.check_model(target, full_check=False)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise ModelLoadError(f"{where}: fails the ONNX checker: {first[:200]}") from None
+
+
+def _check_float32(model: onnx.ModelProto, where: str) -> None:
     inits = {i.name for i in model.graph.initializer}
     for vi in list(model.graph.input) + list(model.graph.output):
         if vi.name in inits:
@@ -131,16 +158,42 @@ def _byte_size(model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
+def _check_destination(dest: Path) -> None:
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a folder; give a file name for the output")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot create its folder ({e.strerror or e})") from None
+
+
+def _file_mode(dest: Path) -> int:
+    """The mode a new file gets (0o666 minus the umask), or the replaced file's own mode."""
+    try:
+        return stat.S_IMODE(dest.stat().st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Write ``model`` atomically. External data is used when asked or when the model passes 2 GB."""
+    """Write ``model`` atomically. External data is used when asked or when the model passes 2 GB.
+
+    Everything is written into a temporary folder next to ``path`` and renamed into place (the
+    external data file, ``<name>.data``, first), so an interrupted or failed write leaves no
+    partial file and an existing output is replaced only once the new one is complete."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_destination(dest)
     if external_data is None:
         try:
             external_data = _byte_size(model) >= _PROTOBUF_LIMIT
         except Exception:  # ByteSize itself can fail past 2 GB
             external_data = True
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write there ({e.strerror or e})") from None
     try:
         tmp_model = tmp_dir / dest.name
         data_name = dest.name + ".data"
@@ -155,10 +208,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 location=data_name,
                 size_threshold=_EXTERNAL_THRESHOLD,
             )
+            del m
+            os.chmod(tmp_dir / data_name, _file_mode(dest.parent / data_name))
+            os.chmod(tmp_model, _file_mode(dest))
             os.replace(tmp_dir / data_name, dest.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
+            os.chmod(tmp_model, _file_mode(dest))
         os.replace(tmp_model, dest)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write the model ({e.strerror or e})") from None
     finally:
         for f in tmp_dir.iterdir() if tmp_dir.exists() else []:
             f.unlink()
@@ -168,17 +227,23 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    _check_destination(dest)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write there ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, _file_mode(dest))
         os.replace(tmp, dest)
-    except BaseException:
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write it ({e.strerror or e})") from None
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return dest
 
 
