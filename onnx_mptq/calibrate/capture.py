@@ -317,6 +317,7 @@ def capture_unit_inputs(
     value_samples: int = DEFAULT_VALUE_SAMPLES,
     seed: int = 0,
     progress: bool = True,
+    fetch_bytes: int = 256 * 2**20,
 ) -> CapturedInputs:
     """Stream ``data`` (an iterable of :class:`onnx_mptq.data.Batch` or of dicts of model inputs)
     through ``model`` once and keep, for every unit of ``analysis``, a bounded sample of its
@@ -352,20 +353,8 @@ def capture_unit_inputs(
             images.setdefault(u.inputs[0], Reservoir(image_samples, _rng(seed, "images:" + u.inputs[0])))
     width: dict[str, int] = {}
 
-    samples = batches = 0
-    total = _batch_count(data)
-    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
-    for batch in tqdm(data, total=total, desc="capture unit inputs", unit="batch", disable=quiet, leave=False):
-        feeds = _batch_inputs(batch)
-        missing = [n for n in session.input_names if n not in feeds]
-        if missing:
-            raise DataError(f"calibration batch lacks model input(s) {', '.join(missing)}")
-        n_samples = int(next(iter(feeds[n] for n in session.input_names)).shape[0])
-        outs = session.run({n: feeds[n] for n in session.input_names}, fetched) if fetched else []
-        values = dict(zip(fetched, outs))
-        for t in tensors:
-            if t not in values:
-                values[t] = np.asarray(feeds[t], dtype=np.float32)
+    def _absorb(values: dict[str, np.ndarray]) -> None:
+        """Fold one run's tensors into the statistics and reservoirs (nothing else is kept)."""
         for t in tensors:
             stats[t].update(values[t])
         for t, res in rows.items():
@@ -380,6 +369,30 @@ def capture_unit_inputs(
                 pairs[u.name].add(a, b)
         for t, res in images.items():
             res.add(values[t])
+
+    chunk: int | None = None
+    samples = batches = 0
+    total = _batch_count(data)
+    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
+    for batch in tqdm(data, total=total, desc="capture unit inputs", unit="batch", disable=quiet, leave=False):
+        feeds = _batch_inputs(batch)
+        missing = [n for n in session.input_names if n not in feeds]
+        if missing:
+            raise DataError(f"calibration batch lacks model input(s) {', '.join(missing)}")
+        n_samples = int(next(iter(feeds[n] for n in session.input_names)).shape[0])
+        for start in range(0, n_samples, chunk or n_samples):
+            stop = min(n_samples, start + (chunk or n_samples))
+            part = {n: feeds[n][start:stop] for n in session.input_names}
+            outs = session.run(part, fetched) if fetched else []
+            if chunk is None:  # bound what one run fetches: ~fetch_bytes per run, whatever the batch
+                per_sample = sum(o.nbytes for o in outs) / max(stop - start, 1)
+                chunk = max(1, int(fetch_bytes // max(per_sample, 1.0)))
+            values = dict(zip(fetched, outs))
+            for t in tensors:
+                if t not in values:
+                    values[t] = np.asarray(part[t] if t in part else feeds[t][start:stop], dtype=np.float32)
+            _absorb(values)
+            del outs, values
         samples += n_samples
         batches += 1
     if samples == 0:
