@@ -62,6 +62,11 @@ class Session:
             return self.ort_session.run(list(output_names) if output_names is not None else None, dict(feeds))
         except ort_state.InvalidArgument as e:
             raise DataError(f"onnxruntime rejected the inputs: {_ort_message(e)}") from None
+        except ort_state.Fail as e:
+            # a run-time failure that shape inference could not foresee: almost always data whose
+            # shape the graph cannot take (e.g. a spatial size its reshapes do not allow)
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise DataError(f"onnxruntime failed running the model on inputs {shapes}: {_ort_message(e)}") from None
 
 
 def _ort_message(e: BaseException) -> str:
