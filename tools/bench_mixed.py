@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -62,18 +63,22 @@ def bench_deit(args: argparse.Namespace) -> dict:
     captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer,
                                    seed=cfg.seed, progress=progress_enabled())
     times["capture_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = allocate_bits(work, analysis, captured, data, cfg, progress=progress_enabled())
     times["allocate_s"] = time.perf_counter() - t
+    cpu = time.process_time() - c
+    load = os.getloadavg()
     out = {
         "model": name, "calibration_images": args.calib, "subset": res.sensitivity.samples,
         "target_bits": args.target, "times_s": times, "search_s": res.seconds, "evaluations": res.evaluations,
         "eval_s": res.eval_seconds, "steps": len(res.history), "avg_weight_bits": res.avg_weight_bits,
-        "avg_activation_bits": res.avg_activation_bits,
+        "avg_activation_bits": res.avg_activation_bits, "search_cpu_s": cpu, "loadavg": load,
     }
     print(f"DeiT-S greedy MP search: {res.seconds:.1f} s for {args.calib} calibration images "
           f"(subset {res.sensitivity.samples}, {res.evaluations} evaluations taking {res.eval_seconds:.1f} s, "
           f"{len(res.history)} steps); averages W {res.avg_weight_bits:.3f} A {res.avg_activation_bits:.3f}")
+    print(f"search CPU time {cpu:.1f} s (all threads; / {os.cpu_count()} cores = {cpu / (os.cpu_count() or 1):.1f} s); "
+          f"load average during the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print("other stages: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     return out
 

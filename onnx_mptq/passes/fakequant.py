@@ -5,38 +5,39 @@ an ONNX Runtime session for each would dominate the cost, so :func:`build_param_
 ONE float graph in which every planned operand is fake-quantized with parameters fed at run time.
 Any assignment is then one ``session.run`` with different feeds.
 
-Activation operands (per unit and operand, so units reading one tensor get their own quantizer).
-``s`` is the step, ``[cmin, cmax]`` the allowed codes relative to the zero point
-(``qmin - z, qmax - z``)::
+Activation operands (per unit and operand, so units reading one tensor get their own quantizer)
+get the ops the emitted model uses, with the step ``s`` (float32), the zero point ``zp`` and the
+allowed codes ``[lo, hi]`` (uint8 scalars) fed at run time::
 
-    uniform form:   FQ(x; s, cmin, cmax) = clip(round(x / s), cmin, cmax) * s
+    uniform form:   FQ(x; s, zp, lo, hi) = DequantizeLinear(Clip(QuantizeLinear(x, s, zp), lo, hi), s, zp)
 
-This is what the emitted ``QuantizeLinear -> Clip(codes) -> DequantizeLinear`` computes value
-for value (``round(x / s) + z`` clipped to ``[qmin, qmax]``, then ``(q - z) * s``; float32
-division and half-to-even rounding in both). Operands that may carry an OPT-m twin-region
-quantizer (the input of a Linear behind a GELU, operand 0 of ``P @ V`` behind a Softmax) get::
+value for value what :mod:`onnx_mptq.passes.emit_qdq` writes (``clamp(rint(x / s) + zp, lo, hi)``,
+then ``(q - zp) * s``; a symmetric b-bit quantizer is held in uint8 with ``zp = 128``). Operands
+that may carry an OPT-m twin-region quantizer get one of (``n = 2^(k-1) - 1``, ``d2 = 2^m d1``)::
 
-    split form:     y = FQ(where(x < t, x, 0); s1, c1min, c1max) + FQ(where(x < t, 0, x); s2, c2min, c2max)
+    sum form (a Linear behind a GELU):      y = FQ(x; s1, zp1, lo1, hi1) + FQ(x; s2, zp2, lo2, hi2)
+    split form (operand 0 of P @ V):        y = where(x < t, FQ(x; s1, zp1, lo1, hi1), FQ(x; s2, zp2, lo2, hi2))
 
-which covers all three quantizers of a plan (with ``n = 2^(k-1) - 1``, ``d2 = 2^m d1``):
+The sum form holds a uniform quantizer (region 2 with ``lo = hi = zp = 0`` gives 0) or a twin
+GELU one (region 1: ``d1, n, 0, n``, codes -n..0; region 2: ``d2, 0, 0, n``), exactly the
+emitted sum. The split form holds all three:
 
-    ============  ============  ====================  ====================
-    quantizer     t             region 1              region 2
-    ============  ============  ====================  ====================
-    uniform       +inf          s, qmin - z, qmax - z  (gets 0)
-    twin GELU     0             d1, -n, 0             d2, 0, n
-    twin Softmax  split         d1, 0, n              d2, 0, n
-    ============  ============  ====================  ====================
+    ============  =====  =============================  =============================
+    quantizer     t      region 1 (s, zp, lo, hi)       region 2
+    ============  =====  =============================  =============================
+    uniform       +inf   the uniform quantizer          (not selected)
+    twin GELU     0      d1, n, 0, n  (codes -n..0)     d2, 0, 0, n
+    twin Softmax  split  d1, 0, 0, n                    d2, 0, 0, n
+    ============  =====  =============================  =============================
 
-(the twin GELU row equals the emitted ``Q(x; d1)[-n, 0] + Q(x; d2)[0, n]`` because the code
-clips make each region zero outside its half-line).
+equal to the emitted sum of the two regions, each region's codes being zero outside it.
 
 Weights: the node's weight input is replaced by a graph input of the layout the node reads
 (MatMul ``(K, N)``, Gemm ``B`` in its own layout, Conv ``(O, I, kh, kw)``), so a caller feeds
 pre-fake-quantized weights (:func:`fake_quant_weight_as_read`), the same grid values the emitted
 ``DequantizeLinear`` produces.
 
-Scalar parameters are rank-0 float32 graph inputs named ``mptq_fq/<unit>/a<i>/<param>``; weights
+Scalar parameters are rank-0 graph inputs named ``mptq_fq/<unit>/a<i>/<param>``; weights
 are ``mptq_fq/<unit>/w``. :class:`ParamGraph` records which inputs belong to which unit and
 :meth:`ParamGraph.feeds` turns plan records (:class:`~onnx_mptq.plan.LayerPlan`) into feeds.
 """
@@ -60,8 +61,11 @@ from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 log = logging.getLogger(__name__)
 
 PREFIX = "mptq_fq"
-UNIFORM_PARAMS = ("s", "cmin", "cmax")
-SPLIT_PARAMS = ("t", "s1", "c1min", "c1max", "s2", "c2min", "c2max")
+UNIFORM_PARAMS = ("s", "zp", "lo", "hi")
+SUM_PARAMS = ("s1", "zp1", "lo1", "hi1", "s2", "zp2", "lo2", "hi2")
+SPLIT_PARAMS = ("t", *SUM_PARAMS)
+FORMS = ("uniform", "sum", "split")
+_FLOAT_PARAMS = frozenset({"s", "t", "s1", "s2"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +75,8 @@ class ActSlot:
     unit: str
     operand: int
     tensor: str  # the float tensor quantized
-    split: bool  # split form (can hold a twin-region quantizer) or uniform form
-    inputs: tuple[str, ...]  # graph input names, in UNIFORM_PARAMS / SPLIT_PARAMS order
+    form: str  # "uniform" | "sum" (uniform or twin GELU) | "split" (uniform or any twin)
+    inputs: tuple[str, ...]  # graph input names, in UNIFORM_PARAMS / SUM_PARAMS / SPLIT_PARAMS order
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,7 +124,7 @@ class ParamGraph:
             raise PlanError(f"layer {layer.unit}: {len(layer.inputs)} operand quantizer(s), the graph has {len(slots)}")
         out: dict[str, np.ndarray] = {}
         for slot, aq in zip(slots, layer.inputs):
-            vals = act_values(aq, slot.split, where=f"layer {layer.unit} operand {slot.operand}")
+            vals = act_values(aq, slot.form, where=f"layer {layer.unit} operand {slot.operand}")
             out.update({name: v for name, v in zip(slot.inputs, vals)})
         return out
 
@@ -154,29 +158,40 @@ class ParamGraph:
 # values
 
 
-def act_values(aq: ActQuant, split: bool, where: str = "operand") -> tuple[np.ndarray, ...]:
-    """The scalar parameters (float32, rank 0) of ``aq`` in the slot's form (module docstring)."""
-    f = np.float32
+def _region(scale: float, zp: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    return (np.array(scale, dtype=np.float32), np.array(zp, dtype=np.uint8), np.array(lo, dtype=np.uint8),
+            np.array(hi, dtype=np.uint8))
+
+
+def act_values(aq: ActQuant, form: str, where: str = "operand") -> tuple[np.ndarray, ...]:
+    """The scalar parameters of ``aq`` for a slot of ``form`` (module docstring), in
+    ``UNIFORM_PARAMS`` / ``SUM_PARAMS`` / ``SPLIT_PARAMS`` order: float32 steps and split, uint8
+    codes."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if aq.scheme is Scheme.UNIFORM:
         qmin, qmax = qrange(aq.bits, aq.symmetric)
-        s, cmin, cmax = f(aq.scale), f(qmin - aq.zero_point), f(qmax - aq.zero_point)
-        if not split:
-            return (np.array(s), np.array(cmin), np.array(cmax))
-        return tuple(np.array(v, dtype=np.float32) for v in (np.inf, s, cmin, cmax, s, 0.0, 0.0))
-    if not split:
-        raise PlanError(f"{where}: a twin-region quantizer on an operand without a twin slot")
+        zp = 128 if aq.symmetric else int(aq.zero_point)
+        off = 128 if aq.symmetric else 0
+        region = _region(float(np.float32(aq.scale)), zp, qmin + off, qmax + off)
+        if form == "uniform":
+            return region
+        if form == "sum":
+            return (*region, *_region(1.0, 0, 0, 0))  # region 2 always gives 0
+        return (np.array(np.inf, dtype=np.float32), *region, *region)
     kind = aq.twin_kind.value if aq.twin_kind is not None else None
+    if form == "uniform" or (form == "sum" and kind != "gelu"):
+        raise PlanError(f"{where}: a {kind} twin-region quantizer on an operand the graph quantizes with the {form} form")
     n = 2 ** (aq.bits - 1) - 1
-    d1 = f(aq.delta1)
-    d2 = f(float(d1) * 2.0 ** int(aq.m))  # exact power-of-two multiple
+    d1 = float(np.float32(aq.delta1))
+    d2 = float(np.float32(d1 * 2.0 ** int(aq.m)))  # exact power-of-two multiple
     if kind == "gelu":
-        vals = (0.0, d1, -n, 0, d2, 0, n)
-    elif kind == "softmax":
-        t = float(d1) * 2 ** (aq.bits - 1) if aq.split is None else aq.split
-        vals = (t, d1, 0, n, d2, 0, n)
-    else:
-        raise PlanError(f"{where}: unknown twin kind {kind!r}")
-    return tuple(np.array(v, dtype=np.float32) for v in vals)
+        regions = (*_region(d1, n, 0, n), *_region(d2, 0, 0, n))
+        return regions if form == "sum" else (np.array(0.0, dtype=np.float32), *regions)
+    if kind == "softmax":
+        t = d1 * 2 ** (aq.bits - 1) if aq.split is None else aq.split
+        return (np.array(t, dtype=np.float32), *_region(d1, 0, 0, n), *_region(d2, 0, 0, n))
+    raise PlanError(f"{where}: unknown twin kind {kind!r}")
 
 
 def fake_quant_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> np.ndarray:
@@ -192,13 +207,15 @@ def fake_quant_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> np.n
 # the pass
 
 
-def twin_capable(unit: Unit, operand: int) -> bool:
-    """Operands an OPT-m twin-region quantizer may be planned on (they get the split form)."""
+def slot_form(unit: Unit, operand: int) -> str:
+    """The form of an operand's fake quantizer: "split" where an OPT-m softmax quantizer may be
+    planned (operand 0 of ``P @ V``), "sum" where a GELU one may (a Linear behind a GELU),
+    "uniform" elsewhere."""
     if operand != 0 or unit.role in (Role.ATTN_QK, Role.PATCH_EMBED):
-        return False
-    if unit.role is Role.ATTN_AV:
-        return True
-    return unit.activation in GELU_KINDS or unit.activation is Activation.SOFTMAX
+        return "uniform"
+    if unit.role is Role.ATTN_AV or unit.activation is Activation.SOFTMAX:
+        return "split"
+    return "sum" if unit.activation in GELU_KINDS else "uniform"
 
 
 def _weight_axis(node: gs.Node) -> int:
@@ -224,7 +241,9 @@ class _Builder:
         return cand
 
     def scalar_input(self, name: str) -> gs.Variable:
-        v = gs.Variable(self.name(name), dtype=np.float32, shape=())
+        param = name.rsplit("/", 1)[-1]
+        dtype = np.float32 if param in _FLOAT_PARAMS else np.uint8
+        v = gs.Variable(self.name(name), dtype=dtype, shape=())
         self.graph.inputs.append(v)
         return v
 
@@ -233,12 +252,11 @@ class _Builder:
         self.new_nodes.append(gs.Node(op=op, name=self.name(f"{base}/{op}"), inputs=inputs, outputs=[out]))
         return out
 
-    def fq(self, x: gs.Tensor, s: gs.Tensor, cmin: gs.Tensor, cmax: gs.Tensor, base: str) -> gs.Variable:
-        """clip(round(x / s), cmin, cmax) * s"""
-        q = self.op("Div", base, [x, s])
-        q = self.op("Round", base, [q])
-        q = self.op("Clip", base, [q, cmin, cmax])
-        return self.op("Mul", base, [q, s])
+    def fq(self, x: gs.Tensor, s: gs.Tensor, zp: gs.Tensor, lo: gs.Tensor, hi: gs.Tensor, base: str) -> gs.Variable:
+        """DequantizeLinear(Clip(QuantizeLinear(x, s, zp), lo, hi), s, zp)"""
+        q = self.op("QuantizeLinear", base, [x, s, zp], dtype=np.uint8)
+        q = self.op("Clip", base, [q, lo, hi], dtype=np.uint8)
+        return self.op("DequantizeLinear", base, [q, s, zp])
 
 
 def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
@@ -280,22 +298,20 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         for i, t in enumerate(unit.inputs):
             x = node.inputs[i]
             ab = f"{base}/a{i}"
-            if twin_capable(unit, i):
-                t_, s1, c1a, c1b, s2, c2a, c2b = (b.scalar_input(f"{ab}/{p}") for p in SPLIT_PARAMS)
-                mask = b.op("Less", ab, [x, t_], dtype=np.bool_)
-                zero = gs.Constant(b.name(f"{ab}/zero"), np.array(0.0, dtype=np.float32))
-                lo = b.op("Where", f"{ab}/low", [mask, x, zero])
-                hi = b.op("Where", f"{ab}/high", [mask, zero, x])
-                y = b.op("Add", ab, [b.fq(lo, s1, c1a, c1b, f"{ab}/r1"), b.fq(hi, s2, c2a, c2b, f"{ab}/r2")])
-                names = tuple(v.name for v in (t_, s1, c1a, c1b, s2, c2a, c2b))
-                split = True
+            form = slot_form(unit, i)
+            if form == "split":
+                ins = [b.scalar_input(f"{ab}/{p}") for p in SPLIT_PARAMS]
+                mask = b.op("Less", ab, [x, ins[0]], dtype=np.bool_)
+                y = b.op("Where", ab, [mask, b.fq(x, *ins[1:5], f"{ab}/r1"), b.fq(x, *ins[5:9], f"{ab}/r2")])
+            elif form == "sum":
+                ins = [b.scalar_input(f"{ab}/{p}") for p in SUM_PARAMS]
+                y = b.op("Add", ab, [b.fq(x, *ins[0:4], f"{ab}/r1"), b.fq(x, *ins[4:8], f"{ab}/r2")])
             else:
-                s, ca, cb = (b.scalar_input(f"{ab}/{p}") for p in UNIFORM_PARAMS)
-                y = b.fq(x, s, ca, cb, ab)
-                names = (s.name, ca.name, cb.name)
-                split = False
+                ins = [b.scalar_input(f"{ab}/{p}") for p in UNIFORM_PARAMS]
+                y = b.fq(x, *ins, ab)
+            names = tuple(v.name for v in ins)
             node.inputs[i] = y
-            acts.append(ActSlot(unit.name, i, t, split, names))
+            acts.append(ActSlot(unit.name, i, t, form, names))
         if unit.role in (Role.ATTN_QK, Role.ATTN_AV):
             continue
         w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
