@@ -182,6 +182,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         qkw["scale_method"] = ScaleMethod(args.scale_method)
     if getattr(args, "act_symmetric", False):
         qkw["act_symmetric"] = True
+    if getattr(args, "optm_max_bits", None) is not None:
+        qkw["optm_max_bits"] = args.optm_max_bits
     if getattr(args, "no_optm", False):
         qkw["optm"] = False
     if qkw:
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a-bits", type=int, default=None, help="activation bits 2..8 (default 8)")
     s.add_argument("--no-sqb", action="store_true", help="disable SQ-b smoothing")
     s.add_argument("--no-optm", action="store_true", help="disable OPT-m twin-region quantizers")
+    s.add_argument("--optm-max-bits", type=int, default=None,
+                   help="use OPT-m only on operands with at most this many bits (default 7: not at 8 bits)")
     s.add_argument("--alpha", type=float, default=None)
     s.add_argument("--shift", choices=[x.value for x in ShiftMode], default=None)
     s.add_argument("--alpha-search", action="store_true")

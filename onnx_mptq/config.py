@@ -100,6 +100,9 @@ class QuantConfig:
     grid_high: float = 1.2
     optm: bool = True
     optm_max_m: int = 12
+    # OPT-m only where an operand has at most this many bits: at 8 bits a uniform grid is
+    # nearly as accurate, and the twin form's second matmul would cost int8 speed
+    optm_max_bits: int = 7
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -109,6 +112,7 @@ class QuantConfig:
         _check(isinstance(self.grid_size, int) and self.grid_size >= 2, "quant.grid_size", "must be an integer >= 2", self.grid_size)
         _check(0.0 < self.grid_low < self.grid_high, "quant.grid_low", "must be > 0 and below quant.grid_high", self.grid_low)
         _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
+        _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -343,7 +343,7 @@ class UnitQuantizers:
             obj_a = _Proxy(a, np.sum(np.square(b, dtype=np.float64), axis=-1)[..., None, :])  # h (S, H, 1, K)
             pa = self._uniform(obj_a, stats[0], bits, sym)
             qa = _uniform_record(u.inputs[0], pa)
-            if q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX and bits >= _MIN_TWIN_BITS:
+            if q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX and _MIN_TWIN_BITS <= bits <= q.optm_max_bits:
                 tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=q.optm_max_m, n_exact=1, refine_steps=0, **grid)
                 if obj_a(lambda v: twin_fake_quant(v, tp)) <= obj_a(lambda v: fake_quant(v, pa)):
                     qa = _twin_record(u.inputs[0], tp)
@@ -353,7 +353,7 @@ class UnitQuantizers:
         x, w, obj = self._linear(u)
         up = self._uniform(obj, stats[0], bits, sym)
         act = _uniform_record(u.inputs[0], up)
-        if q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and bits >= _MIN_TWIN_BITS:
+        if q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm_max_bits:
             tp = search_twin(x, w, bits, "gelu", max_m=q.optm_max_m, n_exact=1, refine_steps=0, **grid)
             if obj(lambda v: twin_fake_quant(v, tp)) <= obj(lambda v: fake_quant(v, up)):
                 act = _twin_record(u.inputs[0], tp)

@@ -283,7 +283,7 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     act = _uniform_record(unit.inputs[0], up)
 
     if (q.optm and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
-            and ab >= _MIN_TWIN_BITS):
+            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits):
         ref = float(np.sum(np.square(ops.x @ ops.w, dtype=np.float64)))
         e_uni = obj(act_fake_quant(act))
         tp = search_twin(ops.x, ops.w, ab, "gelu", max_m=q.optm_max_m, w_fq=w_fq, **grid)
@@ -332,7 +332,7 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
     qa = _uniform_record(unit.inputs[0], pa)
     qb, err = with_first(qa)
     if (q.optm and unit.role is Role.ATTN_AV and unit.activation is Activation.SOFTMAX
-            and ab >= _MIN_TWIN_BITS):
+            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits):
         ref = float(np.sum(np.square(np.matmul(a, b), dtype=np.float64)))
         tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=q.optm_max_m, grid_size=q.grid_size,
                                  low=q.grid_low, high=q.grid_high)
