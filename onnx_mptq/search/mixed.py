@@ -69,6 +69,7 @@ from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, Scheme, TwinKind, WeightQuant
 from ..records import Record
+from .scales import _twin_record, _uniform_record  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -246,20 +247,6 @@ def _other_float_params(model: onnx.ModelProto, weight_elems: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # quantizers used while searching
-
-
-def _uniform_record(tensor: str, p: UniformParams) -> ActQuant:
-    lo, hi = dequantized_bounds(p)
-    return ActQuant(tensor=tensor, bits=p.bits, scheme=Scheme.UNIFORM, symmetric=p.symmetric,
-                    scale=float(p.scale), zero_point=int(p.zero_point), clip_min=float(lo), clip_max=float(hi))
-
-
-def _twin_record(tensor: str, p: TwinParams) -> ActQuant:
-    n = p.levels
-    lo = -n * p.delta1 if p.kind == "gelu" else 0.0
-    return ActQuant(tensor=tensor, bits=p.bits, scheme=Scheme.TWIN, symmetric=p.kind == "gelu",
-                    scale=p.delta1, zero_point=0, clip_min=float(lo), clip_max=float(n * p.delta2),
-                    twin_kind=TwinKind(p.kind), delta1=p.delta1, m=p.m, split=p.split)
 
 
 def _range_params(stats: TensorStats, bits: int, symmetric: bool, method: ScaleMethod, pct: float) -> UniformParams:
