@@ -50,6 +50,7 @@ from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError
 from ..graph.analysis import ModelAnalysis, Role, Unit
 from .session import make_session
+from .stats import _with_outputs  # one helper adds extra graph outputs for calibration
 
 log = logging.getLogger(__name__)
 
@@ -255,21 +256,6 @@ def _kind_of(unit: Unit) -> CaptureKind:
     if unit.op_type == "Conv":
         return CaptureKind.CONV
     return CaptureKind.LINEAR
-
-
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (none of them a graph input)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    produced = {o for n in m.graph.node for o in n.output if o}
-    existing = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in produced:
-            raise CalibrationError(f"tensor {t!r} is not produced by any node of the model")
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return m
 
 
 def _batch_count(data: Iterable) -> int | None:
