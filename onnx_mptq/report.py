@@ -7,11 +7,12 @@
   the mixed-precision search statistics, and a per-layer table (bits, quantizer schemes, search
   sensitivity, SQNR of the layer output);
 * ``bits.png``: weight and activation bits per layer;
-* ``sensitivity.png`` (when mixed precision ran): the KL increase of lowering each layer's weight
+* ``sensitivity.png`` (when mixed precision ran): the increase of the search metric (KL of the
+  softmaxes, or the noise-to-signal ratio of the logits) when lowering each layer's weight
   or activation one candidate, measured at the start of the search (log scale);
 * ``sqnr.png`` (when calibration data is given): per-layer SQNR of the quantized model's unit
   outputs against the FP32 (smoothed, numerically identical) graph, on a few calibration samples;
-* ``allocation.png`` (when mixed precision ran): KL and average bits along the greedy steps;
+* ``allocation.png`` (when mixed precision ran): the metric and average bits along the greedy steps;
 * ``report.json``: the same numbers, machine-readable.
 
 Sizes: "ONNX" is the serialized model (8-bit containers for every bit-width); "packed" counts
@@ -55,7 +56,7 @@ class LayerRow:
     a_bits: tuple[int, ...]
     schemes: tuple[str, ...]
     pinned: bool
-    sens_w: float | None  # KL increase of the first weight drop
+    sens_w: float | None  # metric increase of the first weight drop
     sens_a: float | None
     sqnr_db: float | None  # of the unit's output
 
@@ -115,6 +116,9 @@ def _sci(v: float | None) -> str:
 # plots
 
 
+_METRIC_NAMES = {"kl": "KL", "nmse": "logit noise/signal"}
+
+
 def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -122,6 +126,7 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
     import matplotlib.pyplot as plt
 
     out: list[tuple[str, str]] = []
+    mname = _METRIC_NAMES.get(allocation.sensitivity.metric, "metric") if allocation is not None else "metric"
     x = np.arange(len(rows))
     labels = [r.label for r in rows]
     width = max(8.0, 0.22 * len(rows) + 2.0)
@@ -159,7 +164,7 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
         top = float(np.nanmax(np.abs([*sw, *sa]))) if np.isfinite(np.nanmax(np.abs([*sw, *sa]))) else 1.0
         ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12))
         ax.axhline(0.0, color="black", lw=0.6)
-        ax.set_ylabel("KL increase (nats)")
+        ax.set_ylabel(f"{mname} increase")
         ax.legend(loc="upper right", fontsize=8)
         ax.set_title("sensitivity per layer (from the highest candidate, rest of the network at it)")
         finish(fig, ax, "sensitivity.png", "Sensitivity per layer")
@@ -182,12 +187,14 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
         ax1.set_xlabel("greedy step")
         ax1.set_ylabel("bits")
         ax2 = ax1.twinx()
-        ax2.plot(steps, [max(h.kl, 1e-12) for h in allocation.history], color="#a33", lw=1, label="KL (estimated)")
         ex = [h for h in allocation.history if h.exact]
-        if ex:
-            ax2.plot([h.step for h in ex], [max(h.kl, 1e-12) for h in ex], "o", ms=2.5, color="#a33", label="KL (measured)")
+        kl0 = allocation.sensitivity.base
+        xs = [0] + [h.step for h in ex] + [steps[-1]]
+        ys = [kl0] + [h.distance for h in ex] + [allocation.distance]
+        ax2.plot(xs, [max(v, 1e-12) for v in ys], "o-", ms=2.5, lw=1,
+                 color="#a33", label=f"{mname} (measured on the subset)")
         ax2.set_yscale("log")
-        ax2.set_ylabel("KL (subset)")
+        ax2.set_ylabel(f"{mname} (subset)")
         h1, l1 = ax1.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
@@ -255,9 +262,9 @@ def write_report(dir: Path, result: Any, source_model: onnx.ModelProto, *, calib
         sw = sa = None
         if allocation is not None:
             e = allocation.sensitivity.of(lp.unit, "weight")
-            sw = e.delta_kl if e is not None else None
+            sw = e.delta if e is not None else None
             e = allocation.sensitivity.of(lp.unit, "activation")
-            sa = e.delta_kl if e is not None else None
+            sa = e.delta if e is not None else None
         rows.append(LayerRow(
             unit=lp.unit, label=_label(u, i) if u is not None else lp.role, role=lp.role,
             block=u.block if u is not None else None, w_bits=lp.w_bits,
@@ -320,8 +327,8 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
         "allocation": None if allocation is None else {
             "evaluations": allocation.evaluations, "seconds": allocation.seconds,
             "eval_seconds": allocation.eval_seconds, "steps": len(allocation.history),
-            "subset_samples": allocation.sensitivity.samples, "base_kl": _finite(allocation.sensitivity.base_kl),
-            "final_kl": _finite(allocation.kl)},
+            "subset_samples": allocation.sensitivity.samples, "metric": allocation.sensitivity.metric, "base": _finite(allocation.sensitivity.base),
+            "final": _finite(allocation.distance)},
         "layers": [{k: _finite(v) if not isinstance(v, tuple) else list(v) for k, v in dataclasses.asdict(r).items()}
                    for r in rows],
         "notes": list(notes) + list(plan.notes),
@@ -371,8 +378,9 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
         L.append(f"Mixed-precision search: {len(allocation.history)} greedy steps, {allocation.evaluations} evaluations "
                  f"on {allocation.sensitivity.samples} calibration samples, {allocation.seconds:.1f} s "
-                 f"({allocation.eval_seconds:.1f} s in ONNX Runtime). Subset KL: {allocation.sensitivity.base_kl:.4g} "
-                 f"at the highest candidate, {allocation.kl:.4g} at the final assignment.")
+                 f"({allocation.eval_seconds:.1f} s in ONNX Runtime). Sensitivity metric "
+                 f"{_METRIC_NAMES.get(allocation.sensitivity.metric, allocation.sensitivity.metric)} on the subset: "
+                 f"{allocation.sensitivity.base:.4g} at the highest candidate, {allocation.distance:.4g} at the final assignment.")
     L.append("")
     for name, title in images:
         L.append(f"### {title}")
@@ -381,7 +389,8 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
     L.append("## Layers")
     L.append("")
-    L.append("| # | layer | unit | W bits | A bits | scheme | dKL (W) | dKL (A) | SQNR dB |")
+    md = allocation.sensitivity.metric if allocation is not None else "metric"
+    L.append(f"| # | layer | unit | W bits | A bits | scheme | d{md} (W) | d{md} (A) | SQNR dB |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         pin = " (pinned)" if r.pinned else ""

@@ -1,14 +1,16 @@
 """Fast evaluation of bit assignments, and per-layer SQNR between two models (ORT side).
 
 :class:`ParamEvaluator` holds ONE ONNX Runtime session of a parametric fake-quant graph
-(:func:`onnx_mptq.passes.fakequant.build_param_graph`), a fixed calibration subset and the FP32
-logits on it. ``kl(layers)`` feeds the quantization parameters of a full assignment (one
-:class:`~onnx_mptq.plan.LayerPlan` per unit) and returns::
+(:func:`onnx_mptq.passes.fakequant.build_param_graph`; or one session per stage of it, see the
+class), a fixed calibration subset and the FP32 logits on it. ``distance(layers)`` feeds the
+quantization parameters of a full assignment (one :class:`~onnx_mptq.plan.LayerPlan` per unit)
+and returns how far the quantized logits ``z_q`` are from the FP32 ones ``z``::
 
-    KL = mean over subset samples of KL(softmax(FP32 logits) || softmax(quantized logits))
+    nmse = sum (z - z_q)^2 / sum z^2                                  (= 10^(-SQNR / 10))
+    kl   = mean over subset samples of KL(softmax(z) || softmax(z_q))
 
 No session is rebuilt between evaluations; fake-quantized weights are cached per
-``(unit, weight quantizer)`` so an evaluation costs one forward pass of the subset.
+``(unit, weight quantizer)`` so an evaluation costs (at most) one forward pass of the subset.
 
 Subset: a uniform random sample (reservoir, seeded) of ``samples`` calibration samples, kept in
 stream order, so a calibration set sorted by class still gives a mixed subset.
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # the graph record comes from passes.fakequant; only its duck
 
 log = logging.getLogger(__name__)
 
+METRICS = ("kl", "nmse")
 _MAX_WEIGHT_CACHE = 4096  # fake-quantized weight arrays kept (per unit and quantizer)
 
 
@@ -125,9 +128,13 @@ class ParamEvaluator:
     identical to a run of the whole graph."""
 
     def __init__(self, graph: "ParamGraph", reference: onnx.ModelProto, data: Iterable, runtime: RuntimeConfig, *,
-                 samples: int = 32, seed: int = 0, batch_size: int | None = None, staged: bool = True) -> None:
+                 samples: int = 32, seed: int = 0, batch_size: int | None = None, staged: bool = True,
+                 metric: str = "kl") -> None:
         from ..passes.fakequant import Stage, split_stages
 
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        self.metric = metric
         self.graph = graph
         self.names = tuple(graph.data_inputs)
         self.inputs = sample_subset(data, self.names, samples, seed)
@@ -289,7 +296,21 @@ class ParamEvaluator:
 
     def kl(self, layers: Mapping[str, LayerPlan]) -> float:
         """Mean KL(softmax(FP32) || softmax(quantized)) over the subset."""
-        v = kl_softmax(self.reference_logits, self.logits(layers))
+        return self.distance(layers, "kl")
+
+    def distance(self, layers: Mapping[str, LayerPlan], metric: str | None = None) -> float:
+        """How far the assignment's logits are from FP32 on the subset, by ``metric`` (default
+        ``self.metric``): ``"kl"`` mean KL of the softmaxes, ``"nmse"`` the noise-to-signal ratio
+        ``sum (ref - out)^2 / sum ref^2`` of the logits (``10^(-SQNR / 10)``)."""
+        metric = metric or self.metric
+        out = self.logits(layers)
+        ref = self.reference_logits
+        if metric == "kl":
+            v = kl_softmax(ref, out)
+        elif metric == "nmse":
+            v = float(np.sum(np.square(ref - out, dtype=np.float64)) / max(np.sum(np.square(ref, dtype=np.float64)), 1e-30))
+        else:
+            raise ValueError(f"metric must be 'kl' or 'nmse', got {metric!r}")
         if not math.isfinite(v):
             raise CalibrationError("the quantized model produced non-finite logits during the sensitivity search")
         return float(v)
