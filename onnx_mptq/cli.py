@@ -18,6 +18,7 @@ from .config import (
     CalibConfig,
     Config,
     MixedConfig,
+    OptmSelect,
     Providers,
     QuantConfig,
     RuntimeConfig,
@@ -186,6 +187,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         qkw["optm_max_bits"] = args.optm_max_bits
     if getattr(args, "no_optm", False):
         qkw["optm"] = False
+    if getattr(args, "optm_select", None):
+        qkw["optm_select"] = OptmSelect(args.optm_select)
     if qkw:
         quant = QuantConfig(**{**_fields(quant), **qkw})
     if getattr(args, "mixed_precision", False) or getattr(args, "target_bits", None) is not None or getattr(args, "target_size", None) is not None:
@@ -303,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-optm", action="store_true", help="disable OPT-m twin-region quantizers")
     s.add_argument("--optm-max-bits", type=int, default=None,
                    help="use OPT-m only on operands with at most this many bits (default 7: not at 8 bits)")
+    s.add_argument("--optm-select", choices=[x.value for x in OptmSelect], default=None,
+                   help="keep a twin quantizer where it measurably improves the network's logits on calibration "
+                        "data (network, default) or where it lowers its layer's output error (layer)")
     s.add_argument("--alpha", type=float, default=None)
     s.add_argument("--shift", choices=[x.value for x in ShiftMode], default=None)
     s.add_argument("--alpha-search", action="store_true")

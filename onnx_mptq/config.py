@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from typing import Any
 
@@ -31,6 +32,13 @@ class FoldFallback(str, enum.Enum):
 
     EXPLICIT = "explicit"  # insert shift/scale ops on the Linear branch only
     SKIP = "skip"
+
+
+class OptmSelect(str, enum.Enum):
+    """How OPT-m decides between an operand's uniform and twin-region quantizer."""
+
+    NETWORK = "network"  # on the whole network's logits, kept only beyond the subset's noise (default)
+    LAYER = "layer"  # where the twin lowers that layer's output error
 
 
 class ScaleMethod(str, enum.Enum):
@@ -103,6 +111,11 @@ class QuantConfig:
     # OPT-m only where an operand has at most this many bits: at 8 bits a uniform grid is
     # nearly as accurate, and the twin form's second matmul would cost int8 speed
     optm_max_bits: int = 7
+    # network-level choice of the twin quantizers (search/optm.py): calibration samples used,
+    # and how many standard errors of the subset's noise a kept change must clear
+    optm_select: OptmSelect = OptmSelect.NETWORK
+    optm_subset: int = 256
+    optm_z: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -113,6 +126,11 @@ class QuantConfig:
         _check(0.0 < self.grid_low < self.grid_high, "quant.grid_low", "must be > 0 and below quant.grid_high", self.grid_low)
         _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
         _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
+        _check(isinstance(self.optm_select, OptmSelect), "quant.optm_select", "must be one of network, layer", self.optm_select)
+        _check(isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool) and self.optm_subset >= 2,
+               "quant.optm_subset", "must be an integer >= 2", self.optm_subset)
+        _check(isinstance(self.optm_z, (int, float)) and math.isfinite(self.optm_z) and self.optm_z >= 0,
+               "quant.optm_z", "must be a finite number >= 0", self.optm_z)
 
 
 @dataclasses.dataclass(frozen=True)

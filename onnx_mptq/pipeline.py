@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import onnx
 
-from .config import Config, RuntimeConfig
+from .config import Config, OptmSelect, RuntimeConfig
 from .data import check_shapes_fit
 from .errors import ConfigError, DataError, OutputError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
@@ -52,6 +52,7 @@ class QuantizeResult:
     validation: Any | None  # validate.EvaluationReport against the FP32 model, when eval data was given
     timings: dict[str, float]
     allocation: Any | None = None  # search.mixed.AllocationResult, when mixed precision ran
+    optm: Any | None = None  # search.optm.TwinSelection, when OPT-m chose its quantizers on the network
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -160,9 +161,19 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         timings["allocate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    options: dict = {}
     plan = search_scales(work, analysis, captured, config, bits=bits, source_digest=source_digest, smoothing=splan,
-                         progress=progress_enabled())
+                         progress=progress_enabled(), twin_options=options)
     timings["search_s"] = time.perf_counter() - t
+    selection = None
+    if options and config.quant.optm_select is OptmSelect.NETWORK:
+        from .search.optm import make_evaluator, select_twins
+
+        t = time.perf_counter()
+        evaluator = make_evaluator(work, analysis, captured, data, config)
+        selection = select_twins(plan, options, evaluator, z=config.quant.optm_z, progress=progress_enabled())
+        plan = selection.plan
+        timings["optm_select_s"] = time.perf_counter() - t
 
     qmodel, ereport = emit_qdq(work, plan, analysis)
     validation = None
@@ -171,7 +182,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         validation = validate_against(qmodel, source, eval_data, config.runtime)
         timings["validate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation)
+    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection)
 
 
 def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> tuple[onnx.ModelProto, Any]:

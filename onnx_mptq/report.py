@@ -310,6 +310,16 @@ def _eval_dict(rep: Any) -> dict | None:
     return {k: _finite(v) for k, v in d.items() if k not in ("kind", "schema_version")}
 
 
+def _optm_json(sel: Any) -> dict | None:
+    if sel is None:
+        return None
+    return {"samples": sel.samples, "z": sel.z, "twins": sel.twins, "eligible": len(sel.decisions),
+            "nmse_uniform": _finite(sel.nmse_uniform), "nmse": _finite(sel.nmse), "kl_uniform": _finite(sel.kl_uniform),
+            "kl": _finite(sel.kl), "evaluations": sel.evaluations, "seconds": sel.seconds,
+            "operands": [{"unit": d.unit, "kind": d.kind, "twin": d.chosen, "layer_error_uniform": _finite(d.layer_error_uniform),
+                          "layer_error_twin": _finite(d.layer_error_twin)} for d in sel.decisions]}
+
+
 def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes) -> dict:
     return {
         "kind": "quantization_report",
@@ -324,6 +334,7 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
         "quantized": _eval_dict(q),
         "size_mb": {"fp32_onnx": fp_size, "quantized_onnx": q_size, "quantized_packed": packed},
         "timings_s": dict(getattr(result, "timings", {}) or {}),
+        "optm": _optm_json(getattr(result, "optm", None)),
         "allocation": None if allocation is None else {
             "evaluations": allocation.evaluations, "seconds": allocation.seconds,
             "eval_seconds": allocation.eval_seconds, "steps": len(allocation.history),
@@ -333,6 +344,27 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
                    for r in rows],
         "notes": list(notes) + list(plan.notes),
     }
+
+
+def _optm_section(plan: QuantPlan, selection: Any) -> list[str]:
+    """What OPT-m applied where: the network-level choice when it ran, else the plan's notes."""
+    if selection is not None and selection.decisions:
+        L = ["## OPT-m", "",
+             f"Twin-region quantizers on **{selection.twins} of {len(selection.decisions)}** eligible operands, chosen "
+             f"on the network on {selection.samples} calibration samples: logit noise/signal "
+             f"{selection.nmse_uniform:.4g} with every eligible operand uniform, {selection.nmse:.4g} as chosen; KL "
+             f"{selection.kl_uniform:.4g} -> {selection.kl:.4g}. A change is kept only where it lowers both and clears "
+             f"{selection.z:g} standard errors of the subset's noise ({selection.evaluations} evaluations, "
+             f"{selection.seconds:.1f} s).", "",
+             "| unit | operand | layer error, uniform | layer error, twin | quantizer |", "|---|---|---|---|---|"]
+        for d in selection.decisions:
+            L.append(f"| `{d.unit}` | {'post-GELU fc2 input' if d.kind == 'gelu' else 'post-Softmax P'} | "
+                     f"{d.layer_error_uniform:.4g} | {d.layer_error_twin:.4g} | {'**twin**' if d.chosen else 'uniform'} |")
+        return L + [""]
+    lines = [n for n in plan.notes if n.startswith("optm ")]
+    if not lines:
+        return []
+    return ["## OPT-m", "", *(f"- {n}" for n in lines), ""]
 
 
 def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, images, notes) -> str:
@@ -387,6 +419,7 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
         L.append(f"![{title}]({name})")
         L.append("")
+    L.extend(_optm_section(plan, getattr(result, "optm", None)))
     L.append("## Layers")
     L.append("")
     md = allocation.sensitivity.metric if allocation is not None else "metric"
@@ -403,7 +436,7 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
         L.append(", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
         L.append("")
-    all_notes = list(notes) + [n for n in plan.notes if not n.startswith("optm ")]
+    all_notes = list(notes) + [n for n in plan.notes if not n.startswith(("optm ", "optm-net:"))]
     twins = sum(1 for lp in plan.layers for a in lp.inputs if a.scheme is Scheme.TWIN)
     all_notes.append(f"{twins} operand(s) use an OPT-m twin-region quantizer")
     L.append("## Notes")

@@ -50,9 +50,10 @@ def test_bench_ablation_smoke(capsys):
     rows = _table_lines(out, "digits")
     sqb = [r[2] for r in rows if r[2].startswith(("off", "on,"))]
     assert sqb == ["off", "on, shift = mean", "on, shift = midpoint"], out
-    optm = [r for r in rows if len(r) == 8 and r[2] in ("uniform", "hand-set twin", "OPT-m") and "/" in r[3]]
-    assert [r[2] for r in optm] == ["uniform", "hand-set twin", "OPT-m"], out
+    variants = ["uniform", "hand-set twin", "OPT-m per layer", "OPT-m"]
+    optm = [r for r in rows if len(r) == 8 and r[2] in variants and "/" in r[3]]
+    assert [r[2] for r in optm] == variants, out
     assert optm[0][3].startswith("0/") and int(optm[1][3].split("/")[0]) > 0  # twin counts
-    lat = [r for r in rows if len(r) == 8 and r[2] in ("uniform", "hand-set twin", "OPT-m") and "/" not in r[3]]
-    assert [r[2] for r in lat] == ["uniform", "hand-set twin", "OPT-m"], out
+    lat = [r for r in rows if len(r) == 8 and r[2] in variants and "/" not in r[3]]
+    assert [r[2] for r in lat] == variants, out
     assert "OPT-m vs uniform:" in out

@@ -11,7 +11,7 @@ import pytest
 
 import onnx_mptq
 from graphs import random_images, tiny_vit
-from onnx_mptq.config import Config, QuantConfig, RuntimeConfig, SmoothConfig
+from onnx_mptq.config import Config, OptmSelect, QuantConfig, RuntimeConfig, SmoothConfig
 from onnx_mptq.errors import DataError, PlanError
 from onnx_mptq.graph.analysis import analyze
 from onnx_mptq.validate import compare_outputs
@@ -99,8 +99,17 @@ def test_demo_model_fidelity(bits: int, min_agree: float, min_top1: float) -> No
 def test_sqb_and_optm_are_applied_by_default() -> None:
     res = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz", _cfg(w_bits=4, a_bits=4))
     assert res.plan.smoothing is not None and any(n.mode.value == "folded" for n in res.plan.smoothing.norms)
-    twin = [q for lp in res.plan.layers for q in lp.inputs if q.scheme.value == "twin"]
-    assert twin, "OPT-m chose no twin-region quantizer at 4 bits on the demo model"
+    # OPT-m searched a twin quantizer for every eligible operand (GELU fc2 inputs, softmax P) and
+    # chose between it and the uniform one on the network
+    eligible = {lp.unit for lp in res.plan.layers if lp.role in ("fc2", "attn_av")}  # digits_vit: GELU MLPs
+    assert res.optm is not None and {d.unit for d in res.optm.decisions} == eligible
+    twin_units = {lp.unit for lp in res.plan.layers if any(q.scheme.value == "twin" for q in lp.inputs)}
+    assert twin_units == {d.unit for d in res.optm.decisions if d.chosen}
+    assert res.optm.nmse <= res.optm.nmse_uniform and res.optm.kl <= res.optm.kl_uniform
+    layer = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
+                               _cfg(w_bits=4, a_bits=4, optm_select=OptmSelect.LAYER))
+    assert any(q.scheme.value == "twin" for lp in layer.plan.layers for q in lp.inputs), \
+        "the per-layer rule chose no twin-region quantizer at 4 bits on the demo model"
     off = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
                              dataclasses.replace(_cfg(w_bits=4, a_bits=4, optm=False), smooth=SmoothConfig(enabled=False)))
     assert off.plan.smoothing is None

@@ -20,10 +20,13 @@ post-Softmax (P of ``P @ V``) operands, everything else default (SQ-b mean, mse 
   P quantizer replaced; V's step searched again with the twin P, keeping whichever of the old and
   new step gives the lower ``|| P V - Q(P) Q(V) ||^2``) and re-emits it with
   ``onnx_mptq.pipeline.emit_from_plan``;
-* ``OPT-m``: ``quant.optm = True`` (the default): m searched jointly with the step per layer;
-  the twin quantizer is kept only where it lowers the layer's output error.
+* ``OPT-m per layer``: ``quant.optm_select = "layer"``: m searched jointly with the step per
+  layer; the twin quantizer is kept where it lowers that layer's output error;
+* ``OPT-m``: the default (``quant.optm_select = "network"``): the same searched quantizers, each
+  operand's twin kept only where it lowers the network's logit error and KL on a calibration
+  subset beyond two standard errors of the subset's noise (``onnx_mptq.search.optm``).
 
-The three plans come from one SQ-b + capture pass per model (the stages of
+The four plans come from one SQ-b + capture pass per model (the stages of
 ``onnx_mptq.pipeline.quantize``, run here one by one so the captured data can be reused and the
 hand-set plan built from it). Models ``--optm-models`` (default cifar10, mnist, deit-s); ``deit-s``
 is timm ``deit_small_patch16_224`` with **random weights** (seed 0; no pretrained weights on this
@@ -36,7 +39,7 @@ the package default, 7, leaves 8-bit operands uniform for int8 speed).
 
 Every model is evaluated on the evaluation split against the FP32 model (top-1 where labels
 exist, top-1 agreement, SQNR and KL of the logits). The twin emission's cost is measured in a
-separate interleaved latency run (uniform, hand-set and OPT-m models of one setting timed in
+separate interleaved latency run (the four models of one setting timed in
 turns, ``--latency-rounds`` rounds, median at batch 1 and batch 32).
 """
 
@@ -186,6 +189,7 @@ class Staged:
     captured: Any
     splan: Any
     digest: str
+    data: Any = None
 
 
 def staged_capture(bm: BenchModel, cfg) -> Staged:
@@ -205,14 +209,24 @@ def staged_capture(bm: BenchModel, cfg) -> Staged:
     analysis = analyze(work, prepared=True)
     captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer,
                                    seed=cfg.seed, progress=False)
-    return Staged(source, work, analysis, captured, sres.plan, graph_digest(source))
+    return Staged(source, work, analysis, captured, sres.plan, graph_digest(source), data)
 
 
-def search_plan(st: Staged, cfg):
+def search_plan(st: Staged, cfg, options: dict | None = None):
     from onnx_mptq.search.scales import search_scales
 
     return search_scales(st.work, st.analysis, st.captured, cfg, source_digest=st.digest, smoothing=st.splan,
-                         progress=False)
+                         progress=False, twin_options=options)
+
+
+def network_plan(st: Staged, cfg, plan, options: dict):
+    """OPT-m's network-level choice, as ``onnx_mptq.pipeline.quantize`` runs it."""
+    from onnx_mptq.search.optm import make_evaluator, select_twins
+
+    if not options:
+        return plan
+    ev = make_evaluator(st.work, st.analysis, st.captured, st.data, cfg)
+    return select_twins(plan, options, ev, z=cfg.quant.optm_z, progress=False).plan
 
 
 def _twin_act(tensor: str, tp) -> Any:
@@ -288,7 +302,7 @@ def count_twins(plan) -> int:
     return sum(1 for lp in plan.layers for a in lp.inputs if a.scheme.value == "twin")
 
 
-OPTM_VARIANTS = ("uniform", "hand-set twin", "OPT-m")
+OPTM_VARIANTS = ("uniform", "hand-set twin", "OPT-m per layer", "OPT-m")
 
 
 def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: int) -> tuple[list[dict], list[dict]]:
@@ -308,13 +322,19 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
         p_uni = search_plan(st, cfg_u)
         t_uni = time.perf_counter() - t
         t = time.perf_counter()
-        p_opt = search_plan(st, cfg_o)
-        t_opt = time.perf_counter() - t
+        options: dict = {}
+        p_layer = search_plan(st, cfg_o, options)
+        t_layer = time.perf_counter() - t
+        t = time.perf_counter()
+        p_opt = network_plan(st, cfg_o, p_layer, options)
+        t_opt = t_layer + time.perf_counter() - t
         t = time.perf_counter()
         p_hand = handset_plan(p_uni, st, cfg_u)
         t_hand = t_uni + time.perf_counter() - t
+        plans = {"uniform": p_uni, "hand-set twin": p_hand, "OPT-m per layer": p_layer, "OPT-m": p_opt}
         paths = {}
-        for variant, plan, ts in (("uniform", p_uni, t_uni), ("hand-set twin", p_hand, t_hand), ("OPT-m", p_opt, t_opt)):
+        for variant, plan, ts in (("uniform", p_uni, t_uni), ("hand-set twin", p_hand, t_hand),
+                                  ("OPT-m per layer", p_layer, t_layer), ("OPT-m", p_opt, t_opt)):
             log(f"[optm] {bm.name} W{b}A{b} {variant}: emit + evaluate ...")
             model, _ = emit_from_plan(st.source, plan)
             ev, path = eval_row(model, bm, work, f"optm_{variant.replace(' ', '_')}_w{b}")
@@ -326,7 +346,7 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
             lat = interleaved_latency(paths, bm, latency_rounds)
             for variant in OPTM_VARIANTS:
                 lat_rows.append({"model": bm.name, "bits": b, "variant": variant, **lat[variant],
-                                 "twins": count_twins({"uniform": p_uni, "hand-set twin": p_hand, "OPT-m": p_opt}[variant])})
+                                 "twins": count_twins(plans[variant])})
         for p in paths.values():
             p.unlink()
     return rows, lat_rows

@@ -89,6 +89,21 @@ def _kls(ref_logits: np.ndarray, out_logits: np.ndarray) -> np.ndarray:
     return np.maximum(kl, 0.0).reshape(-1)
 
 
+def kl_per_sample(ref_logits: np.ndarray, out_logits: np.ndarray) -> np.ndarray:
+    """``KL(softmax(ref) || softmax(out))`` of every sample (last axis = classes), float64."""
+    r, o = _pair(ref_logits, out_logits)
+    return _kls(r, o)
+
+
+def paired_improvement(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Mean per-sample decrease ``before - after`` and its standard error (paired samples)."""
+    d = np.asarray(before, dtype=np.float64).reshape(-1) - np.asarray(after, dtype=np.float64).reshape(-1)
+    if d.size == 0:
+        raise ValueError("no samples to compare")
+    se = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
+    return float(np.mean(d)), se
+
+
 def kl_softmax(ref_logits: np.ndarray, out_logits: np.ndarray) -> float:
     """Mean ``KL(softmax(ref) || softmax(out))`` over samples (last axis = classes)."""
     r, o = _pair(ref_logits, out_logits)

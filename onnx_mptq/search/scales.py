@@ -258,9 +258,27 @@ def _rel(err: float, ref: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class TwinOption:
+    """Both quantizers OPT-m searched for one eligible unit, and their output errors on the
+    captured inputs (relative to the float output): the plan holds ``chosen``'s layer."""
+
+    unit: str
+    kind: str  # "gelu" | "softmax"
+    uniform: LayerPlan
+    twin: LayerPlan
+    error_uniform: float
+    error_twin: float
+
+    @property
+    def chosen(self) -> str:
+        return "twin" if self.error_twin <= self.error_uniform else "uniform"
+
+
+@dataclasses.dataclass(frozen=True)
 class _UnitResult:
     layer: LayerPlan
     notes: tuple[str, ...]
+    option: TwinOption | None = None
 
 
 def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: int, cfg: Config,
@@ -293,8 +311,11 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
             f"optm {unit.name}: twin gelu m={tp.m} delta1={tp.delta1:.6g} "
             f"{'chosen' if keep else 'rejected'} (relative output error twin {_rel(e_twin, ref):.6g}, "
             f"uniform {_rel(e_uni, ref):.6g})")
-        if keep:
-            act = _twin_record(unit.inputs[0], tp)
+        uni = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(act,), weight=wq,
+                        params=int(ops.w.size), act_elems=elems)
+        twin = dataclasses.replace(uni, inputs=(_twin_record(unit.inputs[0], tp),))
+        option = TwinOption(unit.name, "gelu", uni, twin, _rel(e_uni, ref), _rel(e_twin, ref))
+        return _UnitResult(twin if keep else uni, tuple(notes), option)
     layer = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(act,), weight=wq,
                       params=int(ops.w.size), act_elems=elems)
     return _UnitResult(layer, tuple(notes))
@@ -343,8 +364,10 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
             f"optm {unit.name}: twin softmax m={tp.m} delta1={tp.delta1:.6g} "
             f"{'chosen' if keep else 'rejected'} (relative output error twin {_rel(err_twin, ref):.6g}, "
             f"uniform {_rel(err, ref):.6g})")
-        if keep:
-            qa, qb = qa_twin, qb_twin
+        uni = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(qa, qb), weight=None, params=0, act_elems=elems)
+        twin = dataclasses.replace(uni, inputs=(qa_twin, qb_twin))
+        option = TwinOption(unit.name, "softmax", uni, twin, _rel(err, ref), _rel(err_twin, ref))
+        return _UnitResult(twin if keep else uni, tuple(notes), option)
     layer = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(qa, qb), weight=None, params=0, act_elems=elems)
     return _UnitResult(layer, tuple(notes))
 
@@ -388,12 +411,16 @@ def search_scales(
     source_digest: str,
     smoothing: SmoothingPlan | None = None,
     progress: bool = True,
+    twin_options: dict[str, TwinOption] | None = None,
 ) -> QuantPlan:
     """Build a :class:`QuantPlan` for every unit of ``analysis`` (module docstring).
 
     ``model`` is the (smoothed) float graph ``analysis`` and ``captured`` describe; ``bits`` maps
     unit names to ``(w_bits, a_bits)`` (others use ``cfg.quant.w_bits`` / ``a_bits``; an
     attention matmul's w_bits is ignored). ``source_digest`` is the user's FP32 model's digest.
+    ``twin_options``, when given, receives a :class:`TwinOption` per unit where OPT-m searched a
+    twin quantizer (both layers, whichever the plan holds), for a network-level choice
+    (:func:`onnx_mptq.search.optm.select_twins`).
     Deterministic: units in graph order, no random draws.
     """
     _check_captured(analysis, captured)
@@ -419,6 +446,8 @@ def search_scales(
             res = _search_linear(unit, ops, stats[0], wb, ab, cfg, int(cap.elems_per_sample[0]))
         layers.append(res.layer)
         notes.extend(res.notes)
+        if res.option is not None and twin_options is not None:
+            twin_options[unit.name] = res.option
         log.debug("unit %s: w%s a%d", unit.name, res.layer.w_bits, res.layer.a_bits)
     if input_quant is not None:
         notes.insert(0, f"input: {input_quant.tensor} at {q.input_bits} bits (left out of the activation average)")
