@@ -159,3 +159,26 @@ def mlp_only(seed: int = 0) -> onnx.ModelProto:
 
 def random_images(n: int, img: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, img, img)).astype(np.float32)
+
+
+def smoothed_capture(blocks: int = 2, samples: int = 48, seed: int = 1, tokens: int = 256):
+    """A tiny ViT (``tiny_vit(blocks)``) smoothed with SQ-b on ``samples`` random images, analysed
+    and its unit inputs captured, as ``onnx_mptq.pipeline.quantize`` runs those stages:
+    a namespace with ``src, data, work, an, cap, splan``."""
+    from types import SimpleNamespace
+
+    from onnx_mptq.calibrate.capture import capture_unit_inputs
+    from onnx_mptq.config import Config
+    from onnx_mptq.graph.analysis import analyze, prepare
+    from onnx_mptq.pipeline import smooth
+
+    src = tiny_vit(blocks=blocks)
+    x = random_images(samples, seed=seed)
+    data = [{"input": x[i:i + 16]} for i in range(0, len(x), 16)]
+    cfg = Config()
+    prepared = prepare(src)
+    sres = smooth(src, data, cfg, analysis=analyze(prepared, prepared=True), prepared=prepared)
+    work = prepare(sres.model)
+    an = analyze(work, prepared=True)
+    cap = capture_unit_inputs(work, an, data, cfg.runtime, tokens_per_layer=tokens, progress=False)
+    return SimpleNamespace(src=src, data=data, work=work, an=an, cap=cap, splan=sres.plan)

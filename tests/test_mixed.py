@@ -11,8 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from graphs import random_images, tiny_vit
-from onnx_mptq.calibrate.capture import capture_unit_inputs
+from graphs import random_images, smoothed_capture
 from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Config, MixedConfig, QuantConfig
@@ -22,7 +21,7 @@ from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
 from onnx_mptq.passes.emit_qdq import emit_qdq
 from onnx_mptq.passes.fakequant import build_param_graph, split_stages
-from onnx_mptq.pipeline import emit_from_plan, quantize, smooth
+from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import QuantPlan, Scheme, TwinKind, average_bits
 from onnx_mptq.search.mixed import AllocationResult, UnitQuantizers, allocate_bits
 from onnx_mptq.search.scales import search_scales
@@ -36,15 +35,7 @@ def _batches(x: np.ndarray, bs: int = 16) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    src = tiny_vit(blocks=2)
-    data = _batches(random_images(48, seed=1))
-    cfg = Config()
-    prepared = prepare(src)
-    sres = smooth(src, data, cfg, analysis=analyze(prepared, prepared=True), prepared=prepared)
-    work = prepare(sres.model)
-    an = analyze(work, prepared=True)
-    cap = capture_unit_inputs(work, an, data, cfg.runtime, tokens_per_layer=256, progress=False)
-    return SimpleNamespace(src=src, data=data, work=work, an=an, cap=cap, splan=sres.plan)
+    return smoothed_capture(blocks=2, samples=48, seed=1)
 
 
 def _mixed(target=None, size=None, **kw) -> Config:

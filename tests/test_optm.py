@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from graphs import random_images, tiny_vit
-from onnx_mptq.calibrate.capture import capture_unit_inputs
+from graphs import random_images, smoothed_capture
 from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.config import Config, OptmSelect, QuantConfig
 from onnx_mptq.errors import ConfigError, PlanError
-from onnx_mptq.graph.analysis import analyze, prepare
 from onnx_mptq.numerics.metrics import kl_softmax, paired_improvement
-from onnx_mptq.pipeline import emit_from_plan, quantize, smooth
+from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import LayerPlan, QuantPlan, Scheme
 from onnx_mptq.search.optm import Measure, make_evaluator, measure_logits, select_twins, significant_gain
 from onnx_mptq.search.scales import TwinOption, search_scales
@@ -180,15 +177,7 @@ def test_config_checks():
 
 @pytest.fixture(scope="module")
 def tiny():
-    src = tiny_vit(blocks=2)
-    data = _batches(random_images(64, seed=3))
-    cfg = Config()
-    prepared = prepare(src)
-    sres = smooth(src, data, cfg, analysis=analyze(prepared, prepared=True), prepared=prepared)
-    work = prepare(sres.model)
-    an = analyze(work, prepared=True)
-    cap = capture_unit_inputs(work, an, data, cfg.runtime, tokens_per_layer=256, progress=False)
-    return SimpleNamespace(src=src, data=data, work=work, an=an, cap=cap, splan=sres.plan)
+    return smoothed_capture(blocks=2, samples=64, seed=3)
 
 
 def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):

@@ -714,7 +714,6 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
             lins[id(node)] = lin
 
     # attention matmuls: both operands computed at run time
-    softmax_outs = {t for t, k in acts.items() if k is Activation.SOFTMAX}
     attn_av: dict[int, gs.Node] = {}
     attn_qk: dict[int, gs.Node] = {}
     dyn_matmuls = [n for n in view.nodes if n.op == "MatMul" and id(n) not in lins and len(view.non_const_inputs(n)) == 2]

@@ -260,7 +260,7 @@ def _proxy_grid(table: _ProxyTable, kind: str, bits: int, fracs: np.ndarray, top
 def _search_twin(objective, operand: np.ndarray, bits: int, kind, max_m: int, grid_size: int,
                  low: float, high: float, n_exact: int, refine_steps: int) -> TwinParams:
     kind = _kind(kind)
-    n = _levels(bits)
+    _levels(bits)  # validates bits
     if isinstance(max_m, bool) or not isinstance(max_m, (int, np.integer)) or not 0 <= max_m <= 30:
         raise ValueError(f"max_m must be an integer from 0 to 30, got {max_m!r}")
     if operand.size == 0:

@@ -72,12 +72,12 @@ from ..calibrate.capture import CapturedInputs, CaptureKind, TensorStats
 from ..config import Config, ScaleMethod
 from ..errors import CalibrationError, ConfigError
 from ..graph.analysis import GELU_KINDS, Activation, ModelAnalysis, Role, Unit
-from ..numerics.quant import UniformParams, dequantized_bounds, fake_quant, params_from_range
+from ..numerics.quant import UniformParams, fake_quant, params_from_range
 from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight_scales
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
-from ..plan import ActQuant, LayerPlan, Scheme, TwinKind, WeightQuant
+from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..records import Record
-from .scales import _twin_record, _uniform_record  # one place builds plan records
+from .scales import _best_of, _range_params, _twin_record, _uniform_record  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -259,20 +259,6 @@ def _other_float_params(model: onnx.ModelProto, weight_elems: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # quantizers used while searching
-
-
-def _range_params(stats: TensorStats, bits: int, symmetric: bool, method: ScaleMethod, pct: float) -> UniformParams:
-    if method is ScaleMethod.PERCENTILE:
-        if symmetric:
-            amax = stats.percentile(pct, absolute=True)
-            return params_from_range(-amax, amax, bits, True)
-        return params_from_range(stats.percentile(100.0 - pct), stats.percentile(pct), bits, False)
-    return params_from_range(stats.min, stats.max, bits, symmetric)
-
-
-def _best_of(objective, cands: list[UniformParams]) -> UniformParams:
-    errs = [objective(lambda v, p=p: fake_quant(v, p)) for p in cands]
-    return cands[int(np.argmin(errs))]
 
 
 def _rows(x: np.ndarray, n: int) -> np.ndarray:
