@@ -114,7 +114,7 @@ class QuantConfig:
     # network-level choice of the twin quantizers (search/optm.py): calibration samples used,
     # and how many standard errors of the subset's noise a kept change must clear
     optm_select: OptmSelect = OptmSelect.NETWORK
-    optm_subset: int = 256
+    optm_subset: int | None = None  # None: sized by compute (search/mixed.py subset_size)
     optm_z: float = 2.0
 
     def __post_init__(self) -> None:
@@ -127,8 +127,9 @@ class QuantConfig:
         _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
         _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
         _check(isinstance(self.optm_select, OptmSelect), "quant.optm_select", "must be one of network, layer", self.optm_select)
-        _check(isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool) and self.optm_subset >= 2,
-               "quant.optm_subset", "must be an integer >= 2", self.optm_subset)
+        _check(self.optm_subset is None or (isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool)
+                                            and self.optm_subset >= 2),
+               "quant.optm_subset", "must be an integer >= 2 (or null: sized by compute)", self.optm_subset)
         _check(isinstance(self.optm_z, (int, float)) and math.isfinite(self.optm_z) and self.optm_z >= 0,
                "quant.optm_z", "must be a finite number >= 0", self.optm_z)
 
@@ -140,7 +141,8 @@ class MixedConfig:
     target_size_mb: float | None = None
     candidates: tuple[int, ...] = (4, 5, 6, 8)
     keep: tuple[str, ...] = ()  # "BITS:GLOB" pins, e.g. "8:*head*"
-    subset: int = 32  # calibration samples used to measure sensitivity
+    subset: int | None = None  # calibration samples measuring sensitivity (None: sized by compute)
+    metric: str = "nmse"  # sensitivity: "nmse" (logit noise / signal) or "kl" (search/mixed.py)
 
     def __post_init__(self) -> None:
         _check(len(self.candidates) > 0 and all(_bits_ok(b) for b in self.candidates), "mixed.candidates", "must be integers from 2 to 8", self.candidates)
@@ -154,7 +156,9 @@ class MixedConfig:
         for k in self.keep:
             bits, sep, pattern = str(k).partition(":")
             _check(bool(sep) and bits.isdigit() and _bits_ok(int(bits)) and bool(pattern), "mixed.keep", "entries must look like BITS:GLOB with BITS from 2 to 8", k)
-        _check(isinstance(self.subset, int) and self.subset >= 1, "mixed.subset", "must be an integer >= 1", self.subset)
+        _check(self.subset is None or (isinstance(self.subset, int) and not isinstance(self.subset, bool) and self.subset >= 1),
+               "mixed.subset", "must be an integer >= 1 (or null: sized by compute)", self.subset)
+        _check(self.metric in ("nmse", "kl"), "mixed.metric", "must be nmse or kl", self.metric)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ meeting every requested bound, so the achieved averages never exceed the budget;
 lowest candidates (with the pins) cannot meet it, :class:`ConfigError` says so before any work.
 
 Sensitivity. How far the network's outputs move from FP32 on a calibration subset
-(``mixed.subset`` samples), measured with the whole network fake-quantized at the current
+(``mixed.subset`` samples; by default as many as a fixed amount of compute per evaluation
+allows, :func:`subset_size`), measured with the whole network fake-quantized at the current
 assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
 ``nmse = sum (z - z_q)^2 / sum z^2`` (= 10^(-SQNR/10)); the method's KL of the softmaxes,
@@ -85,6 +86,8 @@ SEARCH_TOKENS = 128  # captured rows per Linear used to choose the search-time a
 SEARCH_PAIRS = 2  # captured attention samples used likewise
 MAX_AGE = 16  # steps a measured score stays usable, at least (see allocate_bits)
 METRIC = "nmse"  # sensitivity metric of the default evaluator: "nmse" or "kl" (module docstring)
+SUBSET_MACS = 1.5e11  # multiply-accumulates of one evaluation of the default subset (~32 DeiT-S images)
+SUBSET_RANGE = (32, 1024)  # the default subset's bounds (samples)
 EVAL_CHUNK_ELEMS = 1 << 21  # samples per evaluation run: the widest captured operand stays under this
 _MIN_TWIN_BITS = 3
 
@@ -259,6 +262,30 @@ def _other_float_params(model: onnx.ModelProto, weight_elems: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # quantizers used while searching
+
+
+def macs_per_sample(analysis: ModelAnalysis, captured: CapturedInputs) -> float:
+    """Multiply-accumulates of the Linear and Conv units per sample: input elements times output
+    channels (exact for Linears and for a Conv whose stride equals its kernel, as patch
+    embeddings have; attention matmuls are left out, a small share in ViTs)."""
+    total = 0.0
+    for u in analysis.units:
+        if u.out_features and u.name in captured:
+            total += float(captured[u.name].elems_per_sample[0]) * float(u.out_features)
+    return total
+
+
+def subset_size(requested: int | None, analysis: ModelAnalysis, captured: CapturedInputs) -> int:
+    """Samples of a network-level evaluation subset: ``requested``, or (None) as many as
+    ``SUBSET_MACS`` of compute per evaluation allows, within ``SUBSET_RANGE``. More samples make
+    the measured differences less noisy: on mnist-vit at a 5-bit budget, 32 samples allocated bits
+    that tied uniform W5A5 on agreement, the whole 1,000-sample calibration set beat it on top-1,
+    agreement, SQNR and KL (BENCHMARKS.md section 5); on DeiT-S the rule keeps 32 for search time."""
+    if requested is not None:
+        return int(requested)
+    macs = max(macs_per_sample(analysis, captured), 1.0)
+    lo, hi = SUBSET_RANGE
+    return int(min(hi, max(lo, SUBSET_MACS // macs)))
 
 
 def _rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -512,8 +539,9 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     if evaluator is None:
         widest = max((e for u in units for e in captured[u.name].elems_per_sample), default=1)
         chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
-        evaluator = ParamEvaluator(graph, model, data, config.runtime, samples=mixed.subset, seed=config.seed,
-                                   batch_size=chunk, metric=metric or METRIC)
+        evaluator = ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(mixed.subset, analysis, captured),
+                                   seed=config.seed,
+                                   batch_size=chunk, metric=metric or mixed.metric)
     quant = UnitQuantizers(analysis, captured, weights, config)
     role = {u.name: u.role.value for u in units}
 

@@ -8,7 +8,7 @@ twin quantizers and lost 0.13 points of top-1 agreement to all-uniform (BENCHMAR
 and each twin quantizer costs a second integer matmul at run time.
 
 :func:`select_twins` decides per operand on the whole network instead. On a seeded calibration
-subset (``quant.optm_subset`` samples; :class:`onnx_mptq.calibrate.sensitivity.ParamEvaluator`,
+subset (``quant.optm_subset`` samples, by default sized by compute like mixed precision's; :class:`onnx_mptq.calibrate.sensitivity.ParamEvaluator`,
 one ORT session whose quantization parameters are inputs, nothing rebuilt) it measures the
 quantized logits ``z_q`` against the FP32 ones ``z`` by two distances::
 
@@ -153,14 +153,17 @@ def significant_gain(before: Measure, after: Measure, uniform: Measure, z: float
 def make_evaluator(model: onnx.ModelProto, analysis: ModelAnalysis, captured: "CapturedInputs", data: Any,
                    config: Config) -> Any:
     """The default evaluator: a :class:`~onnx_mptq.calibrate.sensitivity.ParamEvaluator` on
-    ``config.quant.optm_subset`` calibration samples."""
+    ``config.quant.optm_subset`` calibration samples (None: sized by compute, as mixed precision's
+    subset, :func:`onnx_mptq.search.mixed.subset_size`)."""
     from ..calibrate.sensitivity import ParamEvaluator
     from ..passes.fakequant import build_param_graph
+    from .mixed import subset_size
 
     graph = build_param_graph(model, analysis)
     widest = max((e for u in analysis.units for e in captured[u.name].elems_per_sample), default=1)
     chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
-    return ParamEvaluator(graph, model, data, config.runtime, samples=config.quant.optm_subset, seed=config.seed,
+    return ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(config.quant.optm_subset, analysis, captured),
+                          seed=config.seed,
                           batch_size=chunk, metric="nmse")
 
 
