@@ -187,6 +187,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         qkw["optm_max_bits"] = args.optm_max_bits
     if getattr(args, "no_optm", False):
         qkw["optm"] = False
+    if getattr(args, "optm_any_m", False):
+        qkw["optm_lattice"] = False
     if getattr(args, "optm_select", None):
         qkw["optm_select"] = OptmSelect(args.optm_select)
     if qkw:
@@ -306,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-optm", action="store_true", help="disable OPT-m twin-region quantizers")
     s.add_argument("--optm-max-bits", type=int, default=None,
                    help="use OPT-m only on operands with at most this many bits (default 7: not at 8 bits)")
+    s.add_argument("--optm-any-m", action="store_true",
+                   help="also search ratios 2^m too wide for one uint8 lattice (emitted as two integer matmuls; "
+                        "default: only ratios that run as one integer matmul)")
     s.add_argument("--optm-select", choices=[x.value for x in OptmSelect], default=None,
                    help="keep a twin quantizer where it measurably improves the network's logits on calibration "
                         "data (network, default) or where it lowers its layer's output error (layer)")

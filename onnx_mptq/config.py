@@ -111,6 +111,10 @@ class QuantConfig:
     # OPT-m only where an operand has at most this many bits: at 8 bits a uniform grid is
     # nearly as accurate, and the twin form's second matmul would cost int8 speed
     optm_max_bits: int = 7
+    # search only the ratios 2^m whose twin values fit one uint8 lattice at step delta1, so every
+    # twin operand reaches its matmul as one integer tensor (passes/emit_qdq.py, "lattice form");
+    # False also searches larger m (up to optm_max_m), emitted as two integer matmuls
+    optm_lattice: bool = True
     # network-level choice of the twin quantizers (search/optm.py): calibration samples used,
     # and how many standard errors of the subset's noise a kept change must clear
     optm_select: OptmSelect = OptmSelect.NETWORK
@@ -126,6 +130,7 @@ class QuantConfig:
         _check(0.0 < self.grid_low < self.grid_high, "quant.grid_low", "must be > 0 and below quant.grid_high", self.grid_low)
         _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
         _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
+        _check(isinstance(self.optm_lattice, bool), "quant.optm_lattice", "must be true or false", self.optm_lattice)
         _check(isinstance(self.optm_select, OptmSelect), "quant.optm_select", "must be one of network, layer", self.optm_select)
         _check(self.optm_subset is None or (isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool)
                                             and self.optm_subset >= 2),

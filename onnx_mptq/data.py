@@ -15,6 +15,7 @@
   ``CalibrationDataReader`` protocol, duck-typed: this module does not import onnxruntime).
 - any iterable of dicts of arrays (or of :class:`Batch`). A dict may hold a batch or one sample,
   with or without the batch dimension, and an optional ``labels`` entry.
+- one dict of arrays holding every sample (an ``.npz`` in memory), re-batched like the above.
 
 Dimension 0 of every model input is the batch dimension. Where the model fixes it (e.g. an
 export with batch 1) batches have exactly that size, whatever ``batch_size`` says.
@@ -871,8 +872,11 @@ def open_data(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         raise DataError(f"{path}: unsupported data file; expected a .npz file or an image folder")
+    if isinstance(spec, Mapping) and not callable(getattr(spec, "get_next", None)):
+        # one dict of arrays holding every sample (an .npz in memory)
+        return _IterableSource([dict(spec)], specs, batch_size, limit)
     if callable(getattr(spec, "get_next", None)) or isinstance(spec, Iterable):
-        if isinstance(spec, (bytes, Mapping)):
+        if isinstance(spec, bytes):
             raise DataError(f"data must be a path, a reader or an iterable of dicts, got a {type(spec).__name__}")
         return _IterableSource(spec, specs, batch_size, limit)
     raise DataError(f"data must be a .npz path, an image folder, a reader or an iterable of dicts, got {type(spec).__name__}")

@@ -171,7 +171,8 @@ def export_timm(
     Weights: ``checkpoint`` (a ``.safetensors`` file, or anything ``torch.load`` reads with
     ``weights_only=True``, optionally wrapping the state dict in a ``state_dict``/``model`` key),
     or ``pretrained`` (timm's download; fails with ExportError without network), or neither
-    (random init). ``img_size``, ``num_classes`` and ``model_kwargs`` go to ``timm.create_model``.
+    (random init, seeded with ``seed``: the same weights in every process; torch's global RNG is
+    left as it was). ``img_size``, ``num_classes`` and ``model_kwargs`` go to ``timm.create_model``.
     """
     if checkpoint is not None and pretrained:
         raise ExportError("pass either a checkpoint or pretrained, not both")
@@ -182,7 +183,11 @@ def export_timm(
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = _create(timm, name, pretrained=pretrained, kwargs=kwargs)
+    # random init (and whatever a checkpoint leaves unset) from torch's RNG seeded with ``seed``,
+    # so the same call gives the same weights in every process; the caller's RNG state is restored
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _create(timm, name, pretrained=pretrained, kwargs=kwargs)
     if checkpoint is not None:
         _load_checkpoint(torch, model, Path(checkpoint), name)
     model.eval()

@@ -185,9 +185,12 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection)
 
 
-def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> tuple[onnx.ModelProto, Any]:
-    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data."""
-    from .passes.emit_qdq import emit_qdq
+def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
+                   options: Any = None) -> tuple[onnx.ModelProto, Any]:
+    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data.
+
+    ``options``: a :class:`onnx_mptq.passes.emit_qdq.EmitOptions` (default: the defaults)."""
+    from .passes.emit_qdq import EmitOptions, emit_qdq
     from .passes.smooth import apply_smoothing
 
     source = _as_model(model)
@@ -207,7 +210,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) 
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis)
+    return emit_qdq(work, plan, analysis, options if options is not None else EmitOptions())
 
 
 def validate_against(qmodel: onnx.ModelProto, reference: onnx.ModelProto, data: Any, runtime: RuntimeConfig,

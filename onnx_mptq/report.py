@@ -313,7 +313,7 @@ def _eval_dict(rep: Any) -> dict | None:
 def _optm_json(sel: Any) -> dict | None:
     if sel is None:
         return None
-    return {"samples": sel.samples, "z": sel.z, "twins": sel.twins, "eligible": len(sel.decisions),
+    return {"samples": sel.samples, "z": sel.z, "z_family": getattr(sel, "z_family", sel.z), "twins": sel.twins, "eligible": len(sel.decisions),
             "nmse_uniform": _finite(sel.nmse_uniform), "nmse": _finite(sel.nmse), "kl_uniform": _finite(sel.kl_uniform),
             "kl": _finite(sel.kl), "evaluations": sel.evaluations, "seconds": sel.seconds,
             "operands": [{"unit": d.unit, "kind": d.kind, "twin": d.chosen, "layer_error_uniform": _finite(d.layer_error_uniform),
@@ -346,20 +346,34 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
     }
 
 
-def _optm_section(plan: QuantPlan, selection: Any) -> list[str]:
+def _twin_forms(result: Any) -> dict[str, str]:
+    """unit -> how its twin operand was emitted (from the emit report's matmul count)."""
+    rep = getattr(result, "emit_report", None)
+    out = {}
+    for eu in getattr(rep, "units", ()) or ():
+        if "twin" in eu.schemes:
+            out[eu.unit] = "2 integer matmuls" if eu.matmuls > 1 else "1 integer matmul (delta1 lattice)"
+    return out
+
+
+def _optm_section(plan: QuantPlan, selection: Any, result: Any = None) -> list[str]:
     """What OPT-m applied where: the network-level choice when it ran, else the plan's notes."""
+    forms = _twin_forms(result)
     if selection is not None and selection.decisions:
+        zf = getattr(selection, "z_family", selection.z)
         L = ["## OPT-m", "",
              f"Twin-region quantizers on **{selection.twins} of {len(selection.decisions)}** eligible operands, chosen "
              f"on the network on {selection.samples} calibration samples: logit noise/signal "
              f"{selection.nmse_uniform:.4g} with every eligible operand uniform, {selection.nmse:.4g} as chosen; KL "
              f"{selection.kl_uniform:.4g} -> {selection.kl:.4g}. A change is kept only where it lowers both and clears "
-             f"{selection.z:g} standard errors of the subset's noise ({selection.evaluations} evaluations, "
-             f"{selection.seconds:.1f} s).", "",
-             "| unit | operand | layer error, uniform | layer error, twin | quantizer |", "|---|---|---|---|---|"]
+             f"{zf:.3g} standard errors of the subset's noise ({selection.z:g} per comparison, corrected for "
+             f"the comparisons made; {selection.evaluations} evaluations, {selection.seconds:.1f} s).", "",
+             "| unit | operand | layer error, uniform | layer error, twin | quantizer | emitted as |",
+             "|---|---|---|---|---|---|"]
         for d in selection.decisions:
             L.append(f"| `{d.unit}` | {'post-GELU fc2 input' if d.kind == 'gelu' else 'post-Softmax P'} | "
-                     f"{d.layer_error_uniform:.4g} | {d.layer_error_twin:.4g} | {'**twin**' if d.chosen else 'uniform'} |")
+                     f"{d.layer_error_uniform:.4g} | {d.layer_error_twin:.4g} | {'**twin**' if d.chosen else 'uniform'} | "
+                     f"{forms.get(d.unit, '1 integer matmul') if d.chosen else '1 integer matmul'} |")
         return L + [""]
     lines = [n for n in plan.notes if n.startswith("optm ")]
     if not lines:
@@ -419,7 +433,7 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
         L.append(f"![{title}]({name})")
         L.append("")
-    L.extend(_optm_section(plan, getattr(result, "optm", None)))
+    L.extend(_optm_section(plan, getattr(result, "optm", None), result))
     L.append("## Layers")
     L.append("")
     md = allocation.sensitivity.metric if allocation is not None else "metric"

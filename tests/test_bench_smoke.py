@@ -50,10 +50,11 @@ def test_bench_ablation_smoke(capsys):
     rows = _table_lines(out, "digits")
     sqb = [r[2] for r in rows if r[2].startswith(("off", "on,"))]
     assert sqb == ["off", "on, shift = mean", "on, shift = midpoint"], out
-    variants = ["uniform", "hand-set twin", "OPT-m per layer", "OPT-m"]
+    variants = ["uniform", "hand-set twin", "OPT-m per layer", "OPT-m", "OPT-m, any m"]
     optm = [r for r in rows if len(r) == 8 and r[2] in variants and "/" in r[3]]
     assert [r[2] for r in optm] == variants, out
     assert optm[0][3].startswith("0/") and int(optm[1][3].split("/")[0]) > 0  # twin counts
-    lat = [r for r in rows if len(r) == 8 and r[2] in variants and "/" not in r[3]]
-    assert [r[2] for r in lat] == variants, out
+    timed = variants + ["hand-set twin (split form)", "OPT-m per layer (split form)"]
+    lat = [r for r in rows if len(r) == 8 and r[2] in timed and "/" not in r[3]]
+    assert [r[2] for r in lat] == timed, out
     assert "OPT-m vs uniform:" in out

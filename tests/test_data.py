@@ -290,6 +290,18 @@ def test_iterable_of_single_samples_is_rebatched():
     np.testing.assert_array_equal(labels, np.arange(5))
 
 
+def test_one_dict_of_arrays_is_in_memory_data():
+    x = samples(7)
+    src = open_data({"input": x, "labels": np.arange(7)}, IMG, batch_size=3, limit=5)
+    got, labels, sizes = collect(src)
+    assert sizes == [3, 2] and src.reiterable
+    np.testing.assert_array_equal(got, x[:5])
+    np.testing.assert_array_equal(labels, np.arange(5))
+    assert collect(src)[2] == [3, 2]  # read again
+    with pytest.raises(DataError, match="NaN|nan|inf"):
+        list(open_data({"input": np.full_like(x, np.nan)}, IMG))
+
+
 def test_iterable_of_batches_split_and_merged():
     x = samples(7)
     items = [{"input": x[:1]}, {"input": x[1:6]}, {"input": x[6:]}]

@@ -34,8 +34,8 @@ from onnx_mptq.errors import PlanError, UnsupportedModelError
 from onnx_mptq.graph.analysis import GraphView, ModelAnalysis, Role, analyze
 from onnx_mptq.graph.io import assign_node_names, save_model
 from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, qrange, weight_params
-from onnx_mptq.numerics.twin import fixed_ratio_twin
-from onnx_mptq.passes.emit_qdq import MARKER_KEY, EmitOptions, EmitReport, emit_qdq, twin_params
+from onnx_mptq.numerics.twin import fixed_ratio_twin, lattice_fits
+from onnx_mptq.passes.emit_qdq import MARKER_KEY, EmitOptions, EmitReport, TwinForm, emit_qdq, twin_params
 from onnx_mptq.passes.simulate import ConvGeometry, simulate_unit
 from onnx_mptq.plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
 
@@ -189,7 +189,16 @@ def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: EmitOptio
             groups[(t, aq)] = aq
     q = clip = where = 0
     for aq in groups.values():
-        if aq.scheme is Scheme.TWIN:
+        if aq.scheme is Scheme.TWIN and options.twin_form is not TwinForm.SPLIT and lattice_fits(twin_params(aq)):
+            tp = twin_params(aq)
+            if tp.kind == "gelu":  # LeakyRelu, Q, Clip, DQ (region codes), LeakyRelu, Q (lattice), DQ
+                q += 1 if tp.m == 0 else 2  # one DQ per Q
+                clip += 1
+            else:  # Less, Q + DQ per region (region 2 clipped), Where, Q (lattice), DQ
+                q += 3
+                clip += 1 + (np.float32(tp.split) > np.float32((tp.levels + 0.5) * tp.delta1))
+                where += 1
+        elif aq.scheme is Scheme.TWIN:
             q += 2
             clip += 2  # each region holds k-1 bits of codes
             where += 2 if aq.twin_kind is TwinKind.SOFTMAX else 0
@@ -200,6 +209,12 @@ def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: EmitOptio
     weights = {(analysis.unit(lp.unit).weight_input, lp.weight) for lp in plan.layers if lp.weight is not None}
     return {"QuantizeLinear": q, "DequantizeLinear": q + len(weights), "Clip": clip, "Where": where,
             "weights": len(weights)}
+
+
+def split_twins(plan: QuantPlan, options: EmitOptions = EmitOptions()) -> int:
+    """Twin operands emitted in the split form (a second matmul each)."""
+    return sum(1 for lp in plan.layers for a in lp.inputs if a.scheme is Scheme.TWIN
+               and (options.twin_form is TwinForm.SPLIT or not lattice_fits(twin_params(a))))
 
 
 def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -234,7 +249,10 @@ CASES = {
     "w4a8": dict(w_bits=4, a_bits=8),
     "w8a8_sym": dict(w_bits=8, a_bits=8, symmetric=True),
     "w4a4_twin": dict(w_bits=4, a_bits=4, twin_roles=("fc2", "attn_av")),
+    "w4a4_twin_split": dict(w_bits=4, a_bits=4, twin_roles=("fc2", "attn_av")),
+    "w5a5_twin": dict(w_bits=5, a_bits=5, twin_roles=("fc2", "attn_av")),
 }
+OPTIONS = {"w4a4_twin_split": EmitOptions(twin_form="split")}
 
 
 @pytest.mark.shared
@@ -242,21 +260,23 @@ CASES = {
 def test_mnist_units_match_reference(mnist, case: str) -> None:
     model, analysis, calib, test = mnist
     plan = minmax_plan(model, analysis, calib, **CASES[case])
+    opts = OPTIONS.get(case, EmitOptions())
     before = model.SerializeToString()
-    q, report = emit_qdq(model, plan, analysis)
+    q, report = emit_qdq(model, plan, analysis, opts)
     assert model.SerializeToString() == before, "emit_qdq mutated its input"
 
     # structure: node counts follow the plan
     ops = Counter(n.op_type for n in q.graph.node)
-    want = expected_counts(plan, analysis)
+    want = expected_counts(plan, analysis, opts)
     assert ops["QuantizeLinear"] == want["QuantizeLinear"] == report.quantize_nodes
     assert ops["DequantizeLinear"] == want["DequantizeLinear"] == report.dequantize_nodes + report.weight_dequantize_nodes
     assert report.weight_dequantize_nodes == want["weights"] == len(analysis.units) - 12  # 12 attention matmuls
     assert ops["Clip"] == want["Clip"] == report.clip_nodes
     assert ops["Where"] - Counter(n.op_type for n in model.graph.node)["Where"] == want["Where"]
     assert len(report.units) == len(analysis.units) and not report.skipped
-    twins = sum(1 for lp in plan.layers for a in lp.inputs if a.scheme is Scheme.TWIN)
-    assert sum(eu.matmuls for eu in report.units) == len(analysis.units) + twins
+    assert sum(eu.matmuls for eu in report.units) == len(analysis.units) + split_twins(plan, opts)
+    if "twin" in case:  # 12 twins; the hand-set softmax ratio (m = k - 1) fits a uint8 lattice at 4 / 5 bits
+        assert split_twins(plan, opts) == 12 if opts.twin_form is TwinForm.SPLIT else split_twins(plan, opts) <= 6
     # graph interface and metadata kept
     assert [o.name for o in q.graph.output] == [o.name for o in model.graph.output]
     assert [i.name for i in q.graph.input] == [i.name for i in model.graph.input]
@@ -346,10 +366,11 @@ def test_tiny_timm_units_match_reference(tiny_onnx, tmp_path: Path, kind: str, o
     rng = np.random.default_rng(0)
     calib = [{inp.name: rng.standard_normal([4, *shape]).astype(np.float32)} for _ in range(2)]
     test = {inp.name: rng.standard_normal([2, *shape]).astype(np.float32)}
-    for case in ("w8a8", "w4a4", "w4a8", "w6a6", "w4a4_twin"):
+    for case in ("w8a8", "w4a4", "w4a8", "w6a6", "w4a4_twin", "w4a4_twin_split"):
         plan = minmax_plan(model, analysis, calib, **CASES[case])
-        q, report = emit_qdq(model, plan, analysis)
-        assert report.quantize_nodes == expected_counts(plan, analysis)["QuantizeLinear"], case
+        opts = OPTIONS.get(case, EmitOptions())
+        q, report = emit_qdq(model, plan, analysis, opts)
+        assert report.quantize_nodes == expected_counts(plan, analysis, opts)["QuantizeLinear"], case
         check_units_against_reference(model, q, plan, analysis, test, optimize=True)
         if case == "w8a8":
             fp = run(model, test, analysis.outputs[:1])[analysis.outputs[0]]

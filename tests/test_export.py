@@ -148,6 +148,25 @@ def test_tiny_spec_exports_through_export_timm(torch, tmp_path):
     assert res.output_names == ("logits",) and res.max_abs_diff < 1e-4  # the two heads are averaged in eval
 
 
+@pytest.mark.torch
+def test_random_init_is_seeded_and_leaves_the_global_rng(torch, tmp_path):
+    from onnx_mptq.export import export_timm, tiny_model_kwargs
+
+    spec = tiny_model_kwargs("vit")
+
+    def weights(path, seed, caller_seed):
+        torch.manual_seed(caller_seed)  # whatever state the caller's RNG is in
+        before = torch.random.get_rng_state()
+        export_timm(spec.name, path, img_size=spec.img_size, model_kwargs=spec.kwargs, runtime=CPU, check_samples=0,
+                    seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before)  # left as it was
+        return b"".join(t.raw_data for t in onnx.load(str(path)).graph.initializer)
+
+    a = weights(tmp_path / "a.onnx", 0, 1234)
+    assert weights(tmp_path / "b.onnx", 0, 99) == a  # the caller's RNG state does not matter
+    assert weights(tmp_path / "c.onnx", 1, 1234) != a
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 

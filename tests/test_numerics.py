@@ -21,7 +21,7 @@ from onnx_mptq.numerics import (
     twin_fake_quant, twin_quantize, twin_region_params, weight_absmax_rows, weight_params,
 )
 from onnx_mptq.numerics.search import coarse_to_fine
-from onnx_mptq.numerics.twin import _ProxyTable
+from onnx_mptq.numerics.twin import _ProxyTable, lattice_fits, lattice_max_m, twin_lattice_range
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -281,6 +281,36 @@ def test_twin_values_are_multiples_of_delta1(x, bits, m, d1, kind):
         low = x < np.float32(p.split)
         parts = fake_quant(np.where(low, x, 0), r1) + fake_quant(np.where(low, 0, x), r2)
     np.testing.assert_array_equal(parts, y)
+
+
+@SETTINGS
+@given(bits=st.integers(3, 8), m=st.integers(0, 12), d1=st.floats(1e-4, 1.0), kind=st.sampled_from(["gelu", "softmax"]),
+       split_f=st.sampled_from([None, 0.5, 0.9]))
+def test_twin_lattice_range_holds_every_value(bits, m, d1, kind, split_f):
+    n = 2 ** (bits - 1) - 1
+    split = None if kind == "gelu" or split_f is None else split_f * (n + 1) * d1
+    p = TwinParams(kind, bits, d1, m, split)
+    lo, hi = twin_lattice_range(p)
+    # every value the quantizer can produce, as multiples of delta1
+    x = np.concatenate([[0.0], np.linspace(-2 * n * p.delta1, 2 * n * p.delta2, 20001)]).astype(np.float32)
+    if kind == "softmax":
+        x = x[x >= 0]
+    k = np.rint(twin_fake_quant(x, p).astype(np.float64) / p.delta1)
+    assert lo <= k.min() and k.max() <= hi
+    assert k.min() == lo and k.max() == hi  # the range is tight: both ends are reached
+    assert lattice_fits(p) == (hi - lo <= 255)
+    top = lattice_max_m(kind, bits)
+    if split is None:
+        assert lattice_fits(TwinParams(kind, bits, d1, max(top, 0))) == (top >= 0)
+        assert top >= 30 or not lattice_fits(TwinParams(kind, bits, d1, top + 1))
+        assert lattice_fits(p) == (m <= top)
+
+
+def test_lattice_max_m_by_hand():
+    # gelu: n (2^m + 1) <= 255; softmax: n 2^m <= 255
+    assert [lattice_max_m("gelu", b) for b in range(3, 9)] == [6, 5, 4, 2, 1, 0]
+    assert [lattice_max_m("softmax", b) for b in range(3, 9)] == [6, 5, 4, 3, 2, 1]
+    assert lattice_max_m("gelu", 8, levels=254) == -1  # 127 * 2 = 254 > 253
 
 
 def test_twin_m0_is_symmetric_uniform():

@@ -14,7 +14,7 @@ from graphs import random_images, smoothed_capture
 from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.config import Config, OptmSelect, QuantConfig
 from onnx_mptq.errors import ConfigError, PlanError
-from onnx_mptq.numerics.metrics import kl_softmax, paired_improvement
+from onnx_mptq.numerics.metrics import family_z, kl_softmax, paired_improvement
 from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import LayerPlan, QuantPlan, Scheme
 from onnx_mptq.search.optm import Measure, make_evaluator, measure_logits, select_twins, significant_gain
@@ -39,6 +39,20 @@ def test_paired_improvement_matches_numpy():
     assert paired_improvement(np.ones(1), np.zeros(1))[1] == float("inf")  # one sample: never significant
     with pytest.raises(ValueError):
         paired_improvement(np.zeros(0), np.zeros(0))
+
+
+def test_family_z():
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    assert family_z(2.0, 1) == 2.0
+    for k in (2, 5, 25, 1000):
+        zk = family_z(2.0, k)
+        # the tail of one test at zk is the tail at 2 shared among k comparisons
+        assert nd.cdf(-zk) == pytest.approx(nd.cdf(-2.0) / k, rel=1e-9)
+    assert family_z(2.0, 25) == pytest.approx(3.12, abs=0.01)
+    assert family_z(2.0, 5) < family_z(2.0, 25) < family_z(3.0, 25)
+    assert family_z(1e9, 25) == 1e9 and family_z(0.0, 10) > 0
 
 
 def test_measure_logits_is_nmse_and_kl():
@@ -133,8 +147,9 @@ def test_select_twins_keeps_only_real_network_gains():
     assert [lp.unit for lp in sel.plan.layers] == ["a", "b", "c", "d"]
     assert {lp.unit for lp in sel.plan.layers if lp.inputs[0].scheme is Scheme.TWIN} == {"a"}
     assert sel.nmse < sel.nmse_uniform and sel.kl < sel.kl_uniform
-    # uniform + layer-wise + one toggle per operand
+    # uniform + layer-wise + one toggle per operand; the threshold covers those 5 comparisons
     assert sel.evaluations == ev.calls == 2 + len(eff)
+    assert sel.z == 2.0 and sel.z_family == pytest.approx(family_z(2.0, 1 + len(eff)))
     # every eligible unit has a decision note; the per-layer notes it supersedes are gone
     assert not any(n.endswith("per layer") for n in sel.plan.notes)
     assert sum(n.startswith("optm ") for n in sel.plan.notes) == 4
@@ -204,7 +219,8 @@ def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
     assert m_chosen.nmse <= m_uni.nmse and m_chosen.mean_kl <= m_uni.mean_kl
     # the chosen plan emits and runs
     model, report = emit_from_plan(tiny.src, dataclasses.replace(sel.plan, source_digest=_digest(tiny.src)))
-    assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units) + sel.twins
+    # every twin fits one uint8 lattice at 4 bits (quant.optm_lattice): one integer matmul per unit
+    assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
 
 
 def _digest(model) -> str:
@@ -261,3 +277,34 @@ def test_cli_optm_select_and_report(tmp_path, tiny):
     js2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
     assert js2["optm"] is None
     assert "## OPT-m" in (tmp_path / "rep2" / "report.md").read_text()  # from the plan's per-layer notes
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_searched_ratios_fit_one_lattice(tiny, bits):
+    from onnx_mptq.cli import _config_from, build_parser
+    from onnx_mptq.numerics.twin import lattice_fits, lattice_max_m
+    from onnx_mptq.passes.emit_qdq import twin_params
+
+    cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, grid_size=20))
+    free = Config(quant=dataclasses.replace(cfg.quant, optm_lattice=False))
+    ms = {}
+    for name, c in (("lattice", cfg), ("free", free)):
+        options: dict = {}
+        plan = search_scales(tiny.work, tiny.an, tiny.cap, c, source_digest=_digest(tiny.src), smoothing=tiny.splan,
+                             progress=False, twin_options=options)
+        assert options
+        ms[name] = {n: o.twin.inputs[0].m for n, o in options.items()}
+        if name == "lattice":
+            for o in options.values():
+                assert o.twin.inputs[0].m <= lattice_max_m(o.kind, bits)
+                assert lattice_fits(twin_params(o.twin.inputs[0]))
+            # every operand twin: still one integer matmul per unit
+            twin_plan = dataclasses.replace(plan, layers=tuple(options[lp.unit].twin if lp.unit in options else lp
+                                                               for lp in plan.layers))
+            _, report = emit_from_plan(tiny.src, twin_plan)
+            assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
+        else:
+            assert all(m <= free.quant.optm_max_m for m in ms[name].values())
+    args = build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--optm-any-m"])
+    assert _config_from(args).quant.optm_lattice is False
+    assert _config_from(build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx"])).quant.optm_lattice is True

@@ -24,9 +24,17 @@ post-Softmax (P of ``P @ V``) operands, everything else default (SQ-b mean, mse 
   layer; the twin quantizer is kept where it lowers that layer's output error;
 * ``OPT-m``: the default (``quant.optm_select = "network"``): the same searched quantizers, each
   operand's twin kept only where it lowers the network's logit error and KL on a calibration
-  subset beyond two standard errors of the subset's noise (``onnx_mptq.search.optm``).
+  subset beyond the subset's noise (two standard errors per comparison, corrected for the number
+  of comparisons; ``onnx_mptq.search.optm``);
+* ``OPT-m, any m``: as ``OPT-m`` with ``quant.optm_lattice = False``: m searched up to
+  ``quant.optm_max_m`` even where the twin's values do not fit one uint8 lattice (those operands
+  are emitted as two integer matmuls).
 
-The four plans come from one SQ-b + capture pass per model (the stages of
+The hand-set and per-layer plans are also emitted in the split form (``EmitOptions(twin_form=
+"split")``, two integer matmuls per twin operand) for the latency run, against the default
+lattice form (one integer matmul where the twin fits one uint8 lattice).
+
+The plans come from one SQ-b + capture pass per model (the stages of
 ``onnx_mptq.pipeline.quantize``, run here one by one so the captured data can be reused and the
 hand-set plan built from it). Models ``--optm-models`` (default cifar10, mnist, deit-s); ``deit-s``
 is timm ``deit_small_patch16_224`` with **random weights** (seed 0; no pretrained weights on this
@@ -39,7 +47,7 @@ the package default, 7, leaves 8-bit operands uniform for int8 speed).
 
 Every model is evaluated on the evaluation split against the FP32 model (top-1 where labels
 exist, top-1 agreement, SQNR and KL of the logits). The twin emission's cost is measured in a
-separate interleaved latency run (the four models of one setting timed in
+separate interleaved latency run (the models of one setting timed in
 turns, ``--latency-rounds`` rounds, median at batch 1 and batch 32).
 """
 
@@ -301,10 +309,11 @@ def count_twins(plan) -> int:
     return sum(1 for lp in plan.layers for a in lp.inputs if a.scheme.value == "twin")
 
 
-OPTM_VARIANTS = ("uniform", "hand-set twin", "OPT-m per layer", "OPT-m")
+OPTM_VARIANTS = ("uniform", "hand-set twin", "OPT-m per layer", "OPT-m", "OPT-m, any m")
 
 
 def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: int) -> tuple[list[dict], list[dict]]:
+    from onnx_mptq.graph.io import save_model
     from onnx_mptq.pipeline import emit_from_plan
 
     log(f"[optm] {bm.name}: SQ-b + capture ...")
@@ -330,10 +339,17 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
         t = time.perf_counter()
         p_hand = handset_plan(p_uni, st, cfg_u)
         t_hand = t_uni + time.perf_counter() - t
-        plans = {"uniform": p_uni, "hand-set twin": p_hand, "OPT-m per layer": p_layer, "OPT-m": p_opt}
+        t = time.perf_counter()
+        cfg_any = base_config(b, optm=True, optm_lattice=False)
+        options_any: dict = {}
+        p_any = network_plan(st, cfg_any, search_plan(st, cfg_any, options_any), options_any)
+        t_any = time.perf_counter() - t
+        plans = {"uniform": p_uni, "hand-set twin": p_hand, "OPT-m per layer": p_layer, "OPT-m": p_opt,
+                 "OPT-m, any m": p_any}
         paths = {}
         for variant, plan, ts in (("uniform", p_uni, t_uni), ("hand-set twin", p_hand, t_hand),
-                                  ("OPT-m per layer", p_layer, t_layer), ("OPT-m", p_opt, t_opt)):
+                                  ("OPT-m per layer", p_layer, t_layer), ("OPT-m", p_opt, t_opt),
+                                  ("OPT-m, any m", p_any, t_any)):
             log(f"[optm] {bm.name} W{b}A{b} {variant}: emit + evaluate ...")
             model, _ = emit_from_plan(st.source, plan)
             ev, path = eval_row(model, bm, work, f"optm_{variant.replace(' ', '_')}_w{b}")
@@ -341,9 +357,18 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
             rows.append({"model": bm.name, "bits": b, "variant": variant, "eval": ev, "twins": count_twins(plan),
                          "eligible": n_eligible, "search_s": ts, "capture_s": capture_s})
         if latency_rounds > 0:
+            # the same twin plans emitted in the split form (two integer matmuls per twin operand)
+            from onnx_mptq.passes.emit_qdq import EmitOptions
+
+            for variant in ("hand-set twin", "OPT-m per layer"):
+                model, _ = emit_from_plan(st.source, plans[variant], EmitOptions(twin_form="split"))
+                path = work / f"{bm.name}_optm_{variant.replace(' ', '_')}_split_w{b}.onnx"
+                save_model(model, path)
+                paths[f"{variant} (split form)"] = path
+                plans[f"{variant} (split form)"] = plans[variant]
             log(f"[optm] {bm.name} W{b}A{b}: interleaved latency ...")
             lat = interleaved_latency(paths, bm, latency_rounds)
-            for variant in OPTM_VARIANTS:
+            for variant in paths:
                 lat_rows.append({"model": bm.name, "bits": b, "variant": variant, **lat[variant],
                                  "twins": count_twins(plans[variant])})
         for p in paths.values():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 
 import numpy as np
 
@@ -102,6 +103,19 @@ def paired_improvement(before: np.ndarray, after: np.ndarray) -> tuple[float, fl
         raise ValueError("no samples to compare")
     se = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
     return float(np.mean(d)), se
+
+
+def family_z(z: float, comparisons: int) -> float:
+    """The one-sided threshold (in standard errors) that keeps the chance of ANY false positive
+    among ``comparisons`` tests at that of one test at ``z`` (Bonferroni):
+    ``Phi^-1(1 - Phi(-z) / comparisons)``; e.g. z = 2 over 25 comparisons -> 3.12."""
+    if comparisons <= 1 or not math.isfinite(z):
+        return float(z)
+    nd = statistics.NormalDist()
+    q = 1.0 - nd.cdf(-z) / comparisons
+    if not 0.0 < q < 1.0:  # z beyond double precision's tail: already as strict as it gets
+        return float(z)
+    return float(max(z, nd.inv_cdf(q)))
 
 
 def kl_softmax(ref_logits: np.ndarray, out_logits: np.ndarray) -> float:

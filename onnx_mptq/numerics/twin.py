@@ -174,6 +174,39 @@ def twin_region_params(p: TwinParams) -> tuple[UniformParams, UniformParams]:
             UniformParams(np.float32(p.delta2), zp, bits, sym))
 
 
+def twin_lattice_range(p: TwinParams) -> tuple[int, int]:
+    """The twin quantizer's values as integer multiples of delta1: ``(lo, hi)`` with every
+    ``x_hat / delta1`` in ``[lo, hi]`` (gelu: ``[-n, 2^m n]``; softmax: ``[0, max(n_1, 2^m n)]``,
+    ``n_1`` = region 1's top code below the split)."""
+    n = p.levels
+    if p.kind == "gelu":
+        return -n, n * 2**p.m
+    top1 = min(n, int(math.ceil(p.split / p.delta1)))  # codes rint(x / d1) of x < split
+    return 0, max(top1, n * 2**p.m)
+
+
+def lattice_fits(p: TwinParams, levels: int = 256) -> bool:
+    """Whether the lattice codes of ``p`` fit one container of ``levels`` codes (uint8: 256),
+    i.e. the operand can reach its matmul as one integer tensor at step delta1."""
+    lo, hi = twin_lattice_range(p)
+    return hi - lo <= levels - 1
+
+
+def lattice_max_m(kind, bits: int, levels: int = 256) -> int:
+    """The largest m whose twin quantizer (default split) fits a container of ``levels`` codes
+    (:func:`lattice_fits`): gelu ``n (2^m + 1) <= levels - 1``, softmax ``n 2^m <= levels - 1``;
+    -1 where not even m = 0 fits."""
+    kind = _kind(kind)
+    n = _levels(bits)
+    m = -1
+    while m < 30:
+        span = n * (2 ** (m + 1) + 1) if kind == "gelu" else n * 2 ** (m + 1)
+        if span > levels - 1:
+            break
+        m += 1
+    return m
+
+
 def fixed_ratio_twin(x: np.ndarray, bits: int, kind) -> TwinParams:
     """Hand-set PTQ4ViT-style twin quantizer (no search; the baseline OPT-m improves on).
 

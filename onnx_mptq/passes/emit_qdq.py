@@ -35,8 +35,27 @@ Both keep ORT's DQ -> MatMul fusion (measured: the Clip sits before the DQ). The
 touches 1 byte per element instead of 4 (see ``tools/check_int_kernels.py`` for timings).
 
 Twin-region operands (OPT-m, :mod:`onnx_mptq.numerics.twin`), k bits, ``n = 2^(k-1) - 1``,
-``delta2 = 2^m delta1``. Because the consuming matmul is linear, the operand is split into two
-integer operands whose dequantized values sum to ``twin_fake_quant(x)``::
+``delta2 = 2^m delta1``. Every twin value is an integer multiple of delta1 (the power-of-two
+ratio), so where the multiples a quantizer can produce span at most 256 codes
+(:func:`~onnx_mptq.numerics.twin.lattice_fits`: gelu ``n (2^m + 1) <= 255``, softmax
+``n 2^m <= 255``; e.g. every m <= 5 at 4 bits, m <= 2 / 3 at 6 bits) the operand reaches its
+matmul as ONE uint8 tensor of codes on the delta1 lattice, ``DQ(e; delta1) @ W_hat``, an ordinary
+``MatMulIntegerToFloat`` (``TwinForm.LATTICE``, what ``TwinForm.AUTO``, the default, takes):
+
+* GELU: ``a = LeakyRelu(x, alpha = 2^m)`` (``2^m x`` below 0, exact), so ``rint(a / delta2)`` is
+  ``rint(x / delta1)`` below 0 and ``rint(x / delta2)`` above, bit for bit;
+  ``c = DQ(Clip(Q(a; delta2, n), 0, 2n); 1, n)`` are the region codes in ``[-n, n]``;
+  ``e = Q(LeakyRelu(c, alpha = 2^-m); 2^-m, n)`` maps a positive region code to ``2^m c``: the
+  lattice codes (plus n). ORT fuses ``DQ -> LeakyRelu -> Q`` into ``QLinearLeakyRelu`` (a
+  256-entry table, exact).
+* Softmax (split s): ``v = Where(x < s, DQ(Q(x; delta1)), DQ(Clip(Q(x; delta2), 0, n)))`` (region
+  1's codes clipped to n too where ``s > (n + 1/2) delta1``), then ``e = Q(v; delta1)``: the
+  values are multiples of delta1, so this requantization is exact. ORT fuses it into
+  ``QLinearWhere``.
+
+Where the codes do not fit (or with ``TwinForm.SPLIT``), the matmul is split instead, being
+linear: the operand becomes two integer operands whose dequantized values sum to
+``twin_fake_quant(x)``::
 
     y = DQ1(x) @ W_hat + DQ2(x) @ W_hat        (two integer matmuls and an Add)
 
@@ -47,8 +66,12 @@ integer operands whose dequantized values sum to ``twin_fake_quant(x)``::
 * Softmax (split s): ``mask = x < s``; ``x1 = Where(mask, x, 0)``, ``x2 = Where(mask, 0, x)``;
   each quantized with zero point 0 and codes clipped to ``[0, n]`` (steps delta1, delta2).
 
-Attention matmuls quantize both operands; a twin operand there doubles the matmul the same way
-(``P @ V -> DQ1(P) @ DQ(V) + DQ2(P) @ DQ(V)``).
+Attention matmuls quantize both operands; a split twin operand there doubles the matmul the same
+way (``P @ V -> DQ1(P) @ DQ(V) + DQ2(P) @ DQ(V)``). Measured (random-weight DeiT-S, W4A4, all 24
+eligible operands twin, ORT profile at batch 4, 1 thread): the split form spends 1.3x the uniform
+model's time in integer matmuls and adds float ``Where``s; the lattice form runs the uniform
+model's matmuls and adds about 10 % in elementwise ops (``BENCHMARKS.md`` has the latencies). A
+``PRelu`` in place of ``LeakyRelu`` is not fused and was 30x slower there.
 
 Gemm: a float bias ``C`` is moved to an ``Add`` after the Gemm (``alpha A B + beta C ==
 Add(Gemm(A, B, alpha), beta C)``), because ORT fuses DQ -> Gemm into ``QGemm`` only when the
@@ -106,7 +129,7 @@ from ..errors import PlanError, UnsupportedModelError
 from ..graph.analysis import GraphView, ModelAnalysis, Role, Unit
 from ..graph.io import MIN_OPSET, assign_node_names, graph_digest, opset_of
 from ..numerics.quant import UniformParams, qrange, quantize
-from ..numerics.twin import TwinParams
+from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
 from ..records import Record
 
@@ -123,6 +146,14 @@ class SymmetricContainer(str, enum.Enum):
     INT8 = "int8"  # int8, zero point 0
 
 
+class TwinForm(str, enum.Enum):
+    """How a twin-region operand reaches its consuming matmul."""
+
+    AUTO = "auto"  # LATTICE where the operand's codes fit one uint8 container, else SPLIT
+    SPLIT = "split"  # two integer matmuls (one per region), summed
+    LATTICE = "lattice"  # one integer matmul on the delta1 lattice (AUTO's first choice)
+
+
 class RangeForm(str, enum.Enum):
     """How codes are held to a b-bit range narrower than the 8-bit container."""
 
@@ -134,10 +165,12 @@ class RangeForm(str, enum.Enum):
 class EmitOptions:
     symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
     range_form: RangeForm = RangeForm.INTEGER
+    twin_form: TwinForm = TwinForm.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "symmetric_container", SymmetricContainer(self.symmetric_container))
         object.__setattr__(self, "range_form", RangeForm(self.range_form))
+        object.__setattr__(self, "twin_form", TwinForm(self.twin_form))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +333,12 @@ class _Emitter:
             return self.act_q[key]
         k = sum(1 for t, _ in self.act_q if t == tensor.name)
         base = f"{tensor.name}/mptq{k if k else ''}"
+        if aq.scheme is Scheme.TWIN and self.options.twin_form is not TwinForm.SPLIT:
+            tp = twin_params(aq)
+            if lattice_fits(tp):
+                out = self._lattice(tensor, tp, base)
+                self.act_q[key] = [out]
+                return self.act_q[key]
         parts = _parts(aq, self.options)
         sources: dict[str, gs.Tensor] = {"": tensor}
         if any(p.region for p in parts):
@@ -317,6 +356,56 @@ class _Emitter:
             outs.append(self._qdq(sources[part.region], part, pb))
         self.act_q[key] = outs
         return outs
+
+    def _q(self, src: gs.Tensor, scale: float, zp: int, base: str, clip_hi: int | None = None) -> gs.Tensor:
+        """uint8 codes ``clamp(rint(src / scale) + zp, 0, clip_hi or 255)``."""
+        q = self.var(f"{base}/q", np.uint8)
+        self.node("QuantizeLinear", f"{base}/QuantizeLinear",
+                  [src, self.const(f"{base}/scale", np.float32(scale)), self.const(f"{base}/zero_point", np.uint8(zp))],
+                  [q], "QuantizeLinear")
+        if clip_hi is not None and clip_hi < 255:
+            qc = self.var(f"{base}/q_clipped", np.uint8)
+            self.node("Clip", f"{base}/Clip", [q, self.const(f"{base}/code_min", np.uint8(0)),
+                                                self.const(f"{base}/code_max", np.uint8(clip_hi))], [qc], "Clip")
+            q = qc
+        return q
+
+    def _dq(self, q: gs.Tensor, scale: float, zp: int, base: str) -> gs.Tensor:
+        out = self.var(f"{base}/dq", np.float32)
+        self.node("DequantizeLinear", f"{base}/DequantizeLinear",
+                  [q, self.const(f"{base}/scale", np.float32(scale)), self.const(f"{base}/zero_point", np.uint8(zp))],
+                  [out], "DequantizeLinear")
+        return out
+
+    def _lattice(self, x: gs.Tensor, tp: TwinParams, base: str) -> gs.Tensor:
+        """The twin-region operand as ONE uint8 tensor of codes on the delta1 lattice (module
+        docstring, "lattice form"); returns its DequantizeLinear output."""
+        n, m = tp.levels, tp.m
+        d1, d2 = float(np.float32(tp.delta1)), float(np.float32(tp.delta2))
+        lo, _ = twin_lattice_range(tp)
+        zp = -lo  # gelu: n, softmax: 0
+        if tp.kind == "gelu":
+            if m == 0:  # one symmetric grid: uniform
+                return self._dq(self._q(x, d1, n, f"{base}/lattice", 2 * n), d1, n, f"{base}/lattice")
+            a = self.var(f"{base}/scaled", np.float32)  # x < 0: 2^m x, so a / d2 == x / d1 bit for bit
+            self.node("LeakyRelu", f"{base}/LeakyRelu", [x], [a], "LeakyRelu", alpha=float(2.0 ** m))
+            q = self._q(a, d2, n, f"{base}/region", 2 * n)  # region codes c + n, c in [-n, n]
+            c = self._dq(q, 1.0, n, f"{base}/region")  # c as float
+            y = self.var(f"{base}/unscaled", np.float32)  # c < 0: c 2^-m (exact)
+            self.node("LeakyRelu", f"{base}/LeakyRelu_1", [c], [y], "LeakyRelu", alpha=float(2.0 ** -m))
+            e = self._q(y, 2.0 ** -m, zp, f"{base}/lattice")  # c (c < 0) or 2^m c, plus n
+            return self._dq(e, d1, zp, f"{base}/lattice")
+        # softmax: pick the region's dequantized value, then requantize on the delta1 lattice
+        mask = self.var(f"{base}/region_mask", np.bool_)
+        self.node("Less", f"{base}/Less", [x, self.const(f"{base}/split", np.float32(tp.split))], [mask], "Less")
+        # below split, rint(x / d1) <= n unless split > (n + 1/2) d1
+        clip1 = n if np.float32(tp.split) > np.float32((n + 0.5) * d1) else None
+        v1 = self._dq(self._q(x, d1, 0, f"{base}/r1", clip1), d1, 0, f"{base}/r1")
+        v2 = self._dq(self._q(x, d2, 0, f"{base}/r2", n), d2, 0, f"{base}/r2")
+        v = self.var(f"{base}/twin", np.float32)
+        self.node("Where", f"{base}/Where", [mask, v1, v2], [v], "Where")
+        e = self._q(v, d1, 0, f"{base}/lattice")
+        return self._dq(e, d1, 0, f"{base}/lattice")
 
     def _qdq(self, src: gs.Tensor, part: _Part, base: str) -> gs.Tensor:
         np_dtype = np.uint8 if part.dtype == "uint8" else np.int8

@@ -78,7 +78,7 @@ from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..records import Record
-from .scales import _best_of, _range_params, _twin_record, _uniform_record  # one place builds plan records
+from .scales import _best_of, _range_params, _twin_record, _uniform_record, twin_max_m  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ SEARCH_TOKENS = 128  # captured rows per Linear used to choose the search-time a
 SEARCH_PAIRS = 2  # captured attention samples used likewise
 MAX_AGE = 16  # steps a measured score stays usable, at least (see allocate_bits)
 METRIC = "nmse"  # sensitivity metric of the default evaluator: "nmse" or "kl" (module docstring)
-SUBSET_MACS = 1.5e11  # multiply-accumulates of one evaluation of the default subset (~32 DeiT-S images)
+SUBSET_MACS = 1.5e11  # multiply-accumulates of one evaluation of the default subset (35 DeiT-S images)
 SUBSET_RANGE = (32, 1024)  # the default subset's bounds (samples)
 EVAL_CHUNK_ELEMS = 1 << 21  # samples per evaluation run: the widest captured operand stays under this
 _MIN_TWIN_BITS = 3
@@ -280,7 +280,7 @@ def subset_size(requested: int | None, analysis: ModelAnalysis, captured: Captur
     ``SUBSET_MACS`` of compute per evaluation allows, within ``SUBSET_RANGE``. More samples make
     the measured differences less noisy: on mnist-vit at a 5-bit budget, 32 samples allocated bits
     that tied uniform W5A5 on agreement, the whole 1,000-sample calibration set beat it on top-1,
-    agreement, SQNR and KL (BENCHMARKS.md section 5); on DeiT-S the rule keeps 32 for search time."""
+    agreement, SQNR and KL (BENCHMARKS.md section 5); DeiT-S (4.24 GMAC) gets 35, for search time."""
     if requested is not None:
         return int(requested)
     macs = max(macs_per_sample(analysis, captured), 1.0)
@@ -355,8 +355,10 @@ class UnitQuantizers:
             obj_a = _Proxy(a, np.sum(np.square(b, dtype=np.float64), axis=-1)[..., None, :])  # h (S, H, 1, K)
             pa = self._uniform(obj_a, stats[0], bits, sym)
             qa = _uniform_record(u.inputs[0], pa)
-            if q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX and _MIN_TWIN_BITS <= bits <= q.optm_max_bits:
-                tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=q.optm_max_m, n_exact=1, refine_steps=0, **grid)
+            if (q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
+                    and _MIN_TWIN_BITS <= bits <= q.optm_max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
+                tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=twin_max_m(self.cfg, "softmax", bits), n_exact=1,
+                                         refine_steps=0, **grid)
                 if obj_a(lambda v: twin_fake_quant(v, tp)) <= obj_a(lambda v: fake_quant(v, pa)):
                     qa = _twin_record(u.inputs[0], tp)
             a_fq = _fq(qa)(a)
@@ -365,8 +367,9 @@ class UnitQuantizers:
         x, w, obj = self._linear(u)
         up = self._uniform(obj, stats[0], bits, sym)
         act = _uniform_record(u.inputs[0], up)
-        if q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm_max_bits:
-            tp = search_twin(x, w, bits, "gelu", max_m=q.optm_max_m, n_exact=1, refine_steps=0, **grid)
+        if (q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm_max_bits
+                and twin_max_m(self.cfg, "gelu", bits) >= 0):
+            tp = search_twin(x, w, bits, "gelu", max_m=twin_max_m(self.cfg, "gelu", bits), n_exact=1, refine_steps=0, **grid)
             if obj(lambda v: twin_fake_quant(v, tp)) <= obj(lambda v: fake_quant(v, up)):
                 act = _twin_record(u.inputs[0], tp)
         return (act,)

@@ -60,7 +60,7 @@ from ..numerics.search import (
     search_matmul_operand_scale,
     search_weight_scales,
 )
-from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
+from ..numerics.twin import TwinParams, lattice_max_m, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, QuantPlan, Scheme, SmoothingPlan, TwinKind, WeightQuant, average_bits
 
 if TYPE_CHECKING:  # records only: search does not import calibrate (and onnxruntime) at run time
@@ -253,6 +253,17 @@ def _best_of(objective: Callable[[FakeQuant], float], cands: list[UniformParams]
     return cands[int(np.argmin(errs))]
 
 
+def twin_max_m(cfg: Config, kind: str, bits: int) -> int:
+    """The largest m OPT-m searches for a ``kind`` operand at ``bits``: ``quant.optm_max_m``, and
+    with ``quant.optm_lattice`` no more than fits one uint8 lattice
+    (:func:`onnx_mptq.numerics.twin.lattice_max_m`); -1: no twin quantizer."""
+    q = cfg.quant
+    m = q.optm_max_m
+    if q.optm_lattice:
+        m = min(m, lattice_max_m(kind, bits))
+    return m
+
+
 def _rel(err: float, ref: float) -> float:
     return float(err / ref) if ref > 0 else float(err)
 
@@ -301,10 +312,10 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     act = _uniform_record(unit.inputs[0], up)
 
     if (q.optm and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
-            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits):
+            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits and twin_max_m(cfg, "gelu", ab) >= 0):
         ref = float(np.sum(np.square(ops.x @ ops.w, dtype=np.float64)))
         e_uni = obj(act_fake_quant(act))
-        tp = search_twin(ops.x, ops.w, ab, "gelu", max_m=q.optm_max_m, w_fq=w_fq, **grid)
+        tp = search_twin(ops.x, ops.w, ab, "gelu", max_m=twin_max_m(cfg, "gelu", ab), w_fq=w_fq, **grid)
         e_twin = obj(lambda v: twin_fake_quant(v, tp))
         keep = e_twin <= e_uni
         notes.append(
@@ -353,9 +364,9 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
     qa = _uniform_record(unit.inputs[0], pa)
     qb, err = with_first(qa)
     if (q.optm and unit.role is Role.ATTN_AV and unit.activation is Activation.SOFTMAX
-            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits):
+            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits and twin_max_m(cfg, "softmax", ab) >= 0):
         ref = float(np.sum(np.square(np.matmul(a, b), dtype=np.float64)))
-        tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=q.optm_max_m, grid_size=q.grid_size,
+        tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=twin_max_m(cfg, "softmax", ab), grid_size=q.grid_size,
                                  low=q.grid_low, high=q.grid_high)
         qa_twin = _twin_record(unit.inputs[0], tp)
         qb_twin, err_twin = with_first(qa_twin)
