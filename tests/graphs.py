@@ -67,6 +67,15 @@ class _B:
             inner = self.node("Add", [x, self.node("Mul", [x3, self.const(0.044715)])])
             t = self.node("Tanh", [self.node("Mul", [inner, self.const(0.7978845608)])])
             return self.node("Mul", [self.node("Mul", [x, self.node("Add", [t, self.const(1.0)])]), self.const(0.5)])
+        if kind == "gelu_op":  # the Gelu op (opset 20)
+            return self.node("Gelu", [x])
+        if kind == "gelu_op_tanh":
+            return self.node("Gelu", [x], approximate="tanh")
+        if kind == "gelu_sigmoid":  # x * sigmoid(1.702 x)
+            return self.node("Mul", [x, self.node("Sigmoid", [self.node("Mul", [x, self.const(1.702)])])])
+        if kind == "gelu_erf_half_first":  # 0.5 * x * (1 + erf(x * (1 / sqrt 2))), as other exporters write it
+            e = self.node("Erf", [self.node("Mul", [x, self.const(0.70710678)])])
+            return self.node("Mul", [self.node("Mul", [self.const(0.5), x]), self.node("Add", [self.const(1.0), e])])
         # erf form as torch's TorchScript exporter writes it
         e = self.node("Erf", [self.node("Div", [x, self.const(1.4142135)])])
         return self.node("Mul", [self.node("Mul", [x, self.node("Add", [e, self.const(1.0)])]), self.const(0.5)])
@@ -138,7 +147,7 @@ def tiny_vit(
         b.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = 9 if opset >= 20 else 8
     onnx.checker.check_model(model)
     return model
 

@@ -42,6 +42,33 @@ def test_tiny_vit_units_and_roles(ln: str, act: str) -> None:
     assert head.op_type == "Gemm" and head.weight_transposed and (head.in_features, head.out_features) == (16, 5)
 
 
+@pytest.mark.parametrize("act,kind,opset", [
+    ("gelu_op", Activation.GELU, 20), ("gelu_op_tanh", Activation.GELU_TANH, 20),
+    ("gelu_sigmoid", Activation.GELU_SIGMOID, 17), ("gelu_erf_half_first", Activation.GELU_ERF, 17),
+])
+def test_every_gelu_form_is_found_and_gets_an_optm_option(act: str, kind: Activation, opset: int) -> None:
+    """The Gelu op (exact / tanh), the sigmoid approximation and an erf chain in another operand
+    order are all recognised, and OPT-m searches a twin quantizer for the fc2 behind them."""
+    from onnx_mptq.calibrate.capture import capture_unit_inputs
+    from onnx_mptq.config import Config, QuantConfig, RuntimeConfig
+    from onnx_mptq.search.scales import search_scales
+
+    from graphs import random_images
+
+    m = tiny_vit(act=act, opset=opset)
+    a = analyze(m)
+    assert {u.activation for u in a.by_role(Role.FC2)} == {kind}
+    cap = capture_unit_inputs(m, a, [{"input": random_images(8, seed=3)}], RuntimeConfig(), tokens_per_layer=64,
+                              progress=False)
+    options: dict = {}
+    search_scales(m, a, cap, Config(quant=QuantConfig(w_bits=4, a_bits=4, grid_size=10)), source_digest=a.model_digest,
+                  progress=False, twin_options=options)
+    assert {n for n, o in options.items() if o.kind == "gelu"} == {u.name for u in a.by_role(Role.FC2)}
+    # a ReLU MLP gets none (only the softmax operands)
+    r = analyze(tiny_vit(act="relu"))
+    assert {u.activation for u in r.by_role(Role.FC2)} == {Activation.RELU}
+
+
 def test_post_norm_layernorms_are_not_foldable_with_reason() -> None:
     a = analyze(tiny_vit(post_norm=True, act="relu"))
     inner = [ln for ln in a.layernorms if ln.consumers and not ln.foldable]

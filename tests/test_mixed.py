@@ -15,7 +15,7 @@ from graphs import random_images, smoothed_capture
 from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Config, MixedConfig, QuantConfig
-from onnx_mptq.errors import ConfigError
+from onnx_mptq.errors import ConfigError, PlanError
 from onnx_mptq.graph.analysis import Role, analyze, prepare
 from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
@@ -73,15 +73,17 @@ def _with_twins(plan: QuantPlan, an) -> QuantPlan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
+@pytest.mark.parametrize("integer", [True, False])
 @pytest.mark.parametrize("bits,symmetric,twins", [(8, False, False), (4, False, True), (5, True, True), (3, True, False)])
-def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins):
+def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins, integer):
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, act_symmetric=symmetric, optm=False))
     plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
     if twins:  # OPT-m quantizers in the sum (GELU) and split (softmax) slots, else uniform ones there
         plan = _with_twins(plan, tiny.an)
     assert sum(a.scheme is Scheme.TWIN for lp in plan.layers for a in lp.inputs) == (4 if twins else 0)
     qdq, _ = emit_qdq(tiny.work, plan, tiny.an)
-    pg = build_param_graph(tiny.work, tiny.an)
+    pg = build_param_graph(tiny.work, tiny.an, integer=integer)
+    assert pg.integer is integer
     x = random_images(16, seed=7)
     feeds = pg.feeds({lp.unit: lp for lp in plan.layers})
     ref = make_session(tiny.work, cfg.runtime).run({"input": x})[0]
@@ -92,6 +94,53 @@ def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins):
         # same grid values in both; only float accumulation order differs
         assert np.max(np.abs(y_param - y_qdq)) <= 1e-4 * scale, optimize
         assert np.max(np.abs(y_param - ref)) > 1e-4 * scale  # and the quantization is really there
+        if integer and optimize:  # every MatMul Linear and attention matmul runs an integer kernel (the Gemm
+            assert _float_matmuls(pg.model) == []  # head stays float: QGemm needs constant parameters)
+
+
+def _float_matmuls(model) -> list[str]:
+    """MatMul nodes ORT leaves in float after optimizing ``model`` (extended level)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = f"{tmp}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(f"{tmp}/opt.onnx")
+    return [n.name for n in opt.graph.node if n.op_type in ("MatMul", "FusedMatMul")]
+
+
+def test_integer_graph_refuses_a_twin_outside_the_lattice(tiny):
+    cfg = Config(quant=QuantConfig(w_bits=6, a_bits=6, optm=False))
+    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
+    fc2 = tiny.an.by_role(Role.FC2)[0].name
+    layers = []
+    for lp in plan.layers:
+        if lp.unit == fc2:  # 6 bits, m = 4: 31 * (16 + 1) = 527 codes of delta1 > 256
+            tp = TwinParams("gelu", 6, lp.inputs[0].scale / 8, 4)
+            twin = dataclasses.replace(lp.inputs[0], scheme=Scheme.TWIN, symmetric=True, zero_point=0, scale=tp.delta1,
+                                       twin_kind=TwinKind.GELU, delta1=tp.delta1, m=tp.m, split=tp.split)
+            lp = dataclasses.replace(lp, inputs=(twin,))
+        layers.append(lp)
+    layers = {lp.unit: lp for lp in layers}
+    with pytest.raises(PlanError, match=f"{fc2} operand 0: its twin-region quantizer.*uint8 lattice"):
+        build_param_graph(tiny.work, tiny.an).feeds(layers)
+    flt = build_param_graph(tiny.work, tiny.an, integer=False)
+    qdq, _ = emit_qdq(tiny.work, dataclasses.replace(plan, layers=tuple(layers.values())), tiny.an)
+    x = random_images(8, seed=3)
+    rt = cfg.runtime
+    y_param = make_session(flt.model, rt).run({"input": x, **flt.feeds(layers)})[0]
+    y_qdq = make_session(qdq, rt).run({"input": x})[0]
+    assert np.max(np.abs(y_param - y_qdq)) <= 1e-4 * float(np.abs(y_qdq).max())
+    # the searches pick the graph their quantizers fit: integer unless --optm-any-m
+    from onnx_mptq.search.scales import integer_evaluation
+
+    assert integer_evaluation(Config()) and integer_evaluation(Config(quant=QuantConfig(optm=False, optm_lattice=False)))
+    assert not integer_evaluation(Config(quant=QuantConfig(optm_lattice=False)))
 
 
 def test_param_graph_leaves_the_model_alone_and_names_its_inputs(tiny):

@@ -9,8 +9,9 @@ and returns how far the quantized logits ``z_q`` are from the FP32 ones ``z``::
     nmse = sum (z - z_q)^2 / sum z^2                                  (= 10^(-SQNR / 10))
     kl   = mean over subset samples of KL(softmax(z) || softmax(z_q))
 
-No session is rebuilt between evaluations; fake-quantized weights are cached per
-``(unit, weight quantizer)`` so an evaluation costs (at most) one forward pass of the subset.
+No session is rebuilt between evaluations; weight feeds (int8 codes and steps in the integer
+graph) are cached per ``(unit, weight quantizer)`` so an evaluation costs (at most) one forward
+pass of the subset.
 
 Subset: a uniform random sample (reservoir, seeded) of ``samples`` calibration samples, kept in
 stream order, so a calibration set sorted by class still gives a mixed subset.
@@ -161,8 +162,11 @@ class ParamEvaluator:
             for name in s.inputs:
                 self._unit_stage[s.unit] = min(self._unit_stage.get(s.unit, len(self.stages)), first.get(name, len(self.stages)))
         for w in graph.weights:
-            self._unit_stage[w.unit] = min(self._unit_stage.get(w.unit, len(self.stages)), first.get(w.input, len(self.stages)))
-        self._wcache: dict[tuple[str, WeightQuant], np.ndarray] = {}
+            for name in (w.input, w.scale_input):
+                if name is not None:
+                    self._unit_stage[w.unit] = min(self._unit_stage.get(w.unit, len(self.stages)),
+                                                   first.get(name, len(self.stages)))
+        self._wcache: dict[tuple[str, WeightQuant], dict[str, np.ndarray]] = {}
         self._base: dict[str, LayerPlan] | None = None
         self._base_feeds: dict[str, np.ndarray] = {}
         self._cuts: list[list[dict[str, np.ndarray]] | None] = [None] * (len(self.stages) + 1)
@@ -181,21 +185,18 @@ class ParamEvaluator:
         return np.concatenate(outs)  # (samples, classes)
 
     def unit_feeds(self, lp: LayerPlan) -> dict[str, np.ndarray]:
-        """Parameter feeds of one unit (fake-quantized weights cached per quantizer)."""
+        """Parameter feeds of one unit (weight feeds cached per quantizer)."""
         g = self.graph
         out = g.act_feeds(lp)
-        if lp.weight is not None:
+        if lp.weight is not None or g.weight_slot(lp.unit) is not None:
             key = (lp.unit, lp.weight)
-            arr = self._wcache.get(key)
-            if arr is None:
-                wf = g.weight_feed(lp)
-                if wf is None:
-                    return out
-                arr = wf[1]
+            wf = self._wcache.get(key)  # type: ignore[arg-type]
+            if wf is None:
+                wf = g.weight_feeds(lp)
                 if len(self._wcache) >= _MAX_WEIGHT_CACHE:
                     self._wcache.pop(next(iter(self._wcache)))
-                self._wcache[key] = arr
-            out[g.weight_slot(lp.unit).input] = arr  # type: ignore[union-attr]
+                self._wcache[key] = wf  # type: ignore[index]
+            out.update(wf)
         return out
 
     def feeds(self, layers: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:

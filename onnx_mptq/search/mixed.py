@@ -21,7 +21,10 @@ lowest candidates (with the pins) cannot meet it, :class:`ConfigError` says so b
 Sensitivity. How far the network's outputs move from FP32 on a calibration subset
 (``mixed.subset`` samples; by default as many as a fixed amount of compute per evaluation
 allows, :func:`subset_size`), measured with the whole network fake-quantized at the current
-assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs). The
+assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs; the
+integer graph of :func:`onnx_mptq.passes.fakequant.build_param_graph`, which runs the emitted
+model's integer kernels, unless ``quant.optm_lattice`` is off and twins outside the uint8
+lattice are possible). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
 ``nmse = sum (z - z_q)^2 / sum z^2`` (= 10^(-SQNR/10)); the method's KL of the softmaxes,
 ``mean KL(softmax(z) || softmax(z_q))``, is the other option (``metric="kl"``). Measured on the
@@ -78,7 +81,7 @@ from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..records import Record
-from .scales import _best_of, _range_params, _twin_record, _uniform_record, twin_max_m  # one place builds plan records
+from .scales import _best_of, _range_params, _twin_record, _uniform_record, integer_evaluation, twin_max_m  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +503,7 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     from ..calibrate.sensitivity import ParamEvaluator
     from ..passes.fakequant import build_param_graph
 
-    graph = build_param_graph(model, analysis)
+    graph = build_param_graph(model, analysis, integer=integer_evaluation(config))
     weights = {s.unit: (s.weight, s.axis) for s in graph.weights}
     units = list(analysis.units)
     params: dict[str, int] = {}

@@ -264,6 +264,13 @@ def twin_max_m(cfg: Config, kind: str, bits: int) -> int:
     return m
 
 
+def integer_evaluation(cfg: Config) -> bool:
+    """Whether every quantizer this configuration can plan fits the integer evaluation graph
+    (:func:`onnx_mptq.passes.fakequant.build_param_graph`): all but twin quantizers outside the
+    uint8 lattice, which only ``quant.optm_lattice = False`` searches."""
+    return not cfg.quant.optm or cfg.quant.optm_lattice
+
+
 def _rel(err: float, ref: float) -> float:
     return float(err / ref) if ref > 0 else float(err)
 
