@@ -191,6 +191,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         qkw["optm_lattice"] = False
     if getattr(args, "optm_select", None):
         qkw["optm_select"] = OptmSelect(args.optm_select)
+    if getattr(args, "weight_container", None):
+        qkw["weight_container"] = args.weight_container
     if qkw:
         quant = QuantConfig(**{**_fields(quant), **qkw})
     if getattr(args, "mixed_precision", False) or getattr(args, "target_bits", None) is not None or getattr(args, "target_size", None) is not None:
@@ -311,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optm-any-m", action="store_true",
                    help="also search ratios 2^m too wide for one uint8 lattice (emitted as two integer matmuls; "
                         "default: only ratios that run as one integer matmul)")
+    s.add_argument("--weight-container", choices=["auto", "int8", "uint8"], default=None,
+                   help="weight codes in the model: auto (default) = int8 where every code is within +-64, else "
+                        "uint8 + 128, exact on every CPU; int8 = int8 everywhere (fastest on VNNI/ARM CPUs, "
+                        "saturates on x86 AVX2 without VNNI)")
     s.add_argument("--optm-select", choices=[x.value for x in OptmSelect], default=None,
                    help="keep a twin quantizer where it measurably improves the network's logits on calibration "
                         "data (network, default) or where it lowers its layer's output error (layer)")

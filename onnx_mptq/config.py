@@ -109,7 +109,7 @@ class QuantConfig:
     optm: bool = True
     optm_max_m: int = 12
     # OPT-m only where an operand has at most this many bits: at 8 bits a uniform grid is
-    # nearly as accurate, and the twin form's second matmul would cost int8 speed
+    # nearly as accurate, and the twin form's extra elementwise nodes would cost int8 speed
     optm_max_bits: int = 7
     # search only the ratios 2^m whose twin values fit one uint8 lattice at step delta1, so every
     # twin operand reaches its matmul as one integer tensor (passes/emit_qdq.py, "lattice form");
@@ -120,6 +120,10 @@ class QuantConfig:
     optm_select: OptmSelect = OptmSelect.NETWORK
     optm_subset: int | None = None  # None: sized by compute (search/mixed.py subset_size)
     optm_z: float = 2.0
+    # storage of weight codes in the emitted model (passes/emit_qdq.py, "Weights on CPUs without
+    # VNNI"): auto = int8 where every code is within +-64, else uint8 + 128 (exact on every CPU);
+    # int8 = int8 everywhere (fastest on VNNI / ARM CPUs, wrong on AVX2 CPUs without VNNI)
+    weight_container: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -130,6 +134,8 @@ class QuantConfig:
         _check(0.0 < self.grid_low < self.grid_high, "quant.grid_low", "must be > 0 and below quant.grid_high", self.grid_low)
         _check(isinstance(self.optm_max_m, int) and 0 <= self.optm_max_m <= 16, "quant.optm_max_m", "must be an integer from 0 to 16", self.optm_max_m)
         _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
+        _check(self.weight_container in ("auto", "int8", "uint8"), "quant.weight_container",
+               "must be one of auto, int8, uint8", self.weight_container)
         _check(isinstance(self.optm_lattice, bool), "quant.optm_lattice", "must be true or false", self.optm_lattice)
         _check(isinstance(self.optm_select, OptmSelect), "quant.optm_select", "must be one of network, layer", self.optm_select)
         _check(self.optm_subset is None or (isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool)

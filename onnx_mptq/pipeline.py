@@ -175,7 +175,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
-    qmodel, ereport = emit_qdq(work, plan, analysis)
+    qmodel, ereport = emit_qdq(work, plan, analysis, _emit_options(config))
     validation = None
     if eval_data is not None:
         t = time.perf_counter()
@@ -277,6 +277,12 @@ def _smooth_summary(res: SmoothResult, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _emit_options(config: Config) -> Any:
+    from .passes.emit_qdq import EmitOptions
+
+    return EmitOptions(weight_container=config.quant.weight_container)
+
+
 def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
     _check_output_path(inp, out)
     source = load_model(inp)
@@ -288,7 +294,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             raise PlanError(f"{args.plan}: no such plan file") from None
         try:
             plan = QuantPlan.from_json(text)
-            qmodel, _ = emit_from_plan(source, plan)
+            qmodel, _ = emit_from_plan(source, plan, _emit_options(config))
         except PlanError as e:  # name the plan file
             raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
         validation = None

@@ -149,15 +149,28 @@ def test_plan_reemission_is_byte_identical(files, capsys):
 
 
 def _weight_codes(model: onnx.ModelProto, unit: str) -> np.ndarray:
-    """The int8 weight of ``unit`` as the emitted DequantizeLinear reads it."""
+    """The signed weight codes of ``unit`` as the emitted DequantizeLinear reads them (int16;
+    uint8 storage, zero point 128, is shifted back)."""
     node = next(n for n in model.graph.node if n.name == unit)
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
     for name in node.input:
         dq = producers.get(name)
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
-            return numpy_helper.to_array(inits[dq.input[0]])
+            codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int16)
+            zero_point = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int16)
+            assert np.all(zero_point == (128 if inits[dq.input[0]].data_type == onnx.TensorProto.UINT8 else 0))
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            return codes - np.expand_dims(zero_point, tuple(i for i in range(codes.ndim) if i != axis))
     raise AssertionError(f"no weight DequantizeLinear feeds {unit}")
+
+
+def _weight_dtype(model: onnx.ModelProto, unit: str) -> type:
+    node = next(n for n in model.graph.node if n.name == unit)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return next(inits[producers[x].input[0]].dtype.type for x in node.input
+                if x in producers and producers[x].op_type == "DequantizeLinear" and producers[x].input[0] in inits)
 
 
 def test_hand_edited_plan_changes_one_layer(files, capsys):
@@ -173,7 +186,8 @@ def test_hand_edited_plan_changes_one_layer(files, capsys):
 
     before, after = load_model(q), load_model(q4)
     w8, w4 = _weight_codes(before, target["unit"]), _weight_codes(after, target["unit"])
-    assert w8.dtype == w4.dtype == np.int8
+    # 8-bit codes beyond +-64 are stored as uint8 + 128, 4-bit ones as int8 (emit_qdq weight_container)
+    assert _weight_dtype(before, target["unit"]) == np.uint8 and _weight_dtype(after, target["unit"]) == np.int8
     assert np.abs(w8.astype(int)).max() > 7 and np.abs(w4.astype(int)).max() <= 7
     assert np.abs(w4.astype(int)).max() >= 6  # the rescaled range still uses the 4-bit grid
     for lp in doc["layers"]:  # every other layer is emitted exactly as before
@@ -181,6 +195,24 @@ def test_hand_edited_plan_changes_one_layer(files, capsys):
             np.testing.assert_array_equal(_weight_codes(after, lp["unit"]), _weight_codes(before, lp["unit"]))
     x = random_images(4, seed=2)
     assert not np.array_equal(_outputs(q, x), _outputs(q4, x))
+
+
+def test_weight_container_flag(files, capsys):
+    q, plan, _ = _quantize(files, capsys)
+    units = [lp["unit"] for lp in json.loads(plan.read_text())["layers"] if lp["weight"]]
+    auto = load_model(q)
+    assert {_weight_dtype(auto, u) for u in units} == {np.uint8}  # 8-bit codes reach +-127
+    for container, want in (("int8", np.int8), ("uint8", np.uint8)):
+        out = files["out"] / f"{container}.onnx"
+        cli(capsys, "quantize", str(files["model"]), "-o", str(out), "--plan", str(plan), "--weight-container", container, *CPU)
+        m = load_model(out)
+        assert {_weight_dtype(m, u) for u in units} == {want}
+        for u in units:  # the same grid in either container
+            np.testing.assert_array_equal(_weight_codes(m, u), _weight_codes(auto, u))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--weight-container", "int4"])
+    with pytest.raises(ConfigError, match="quant.weight_container"):
+        QuantConfig(weight_container="int4")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from onnx_mptq.graph.analysis import GraphView, ModelAnalysis, Role, analyze
 from onnx_mptq.graph.io import assign_node_names, save_model
 from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, qrange, weight_params
 from onnx_mptq.numerics.twin import fixed_ratio_twin, lattice_fits
-from onnx_mptq.passes.emit_qdq import MARKER_KEY, EmitOptions, EmitReport, TwinForm, emit_qdq, twin_params
+from onnx_mptq.passes.emit_qdq import (
+    MARKER_KEY, U8S8_SAFE_CODE, EmitOptions, EmitReport, TwinForm, WeightContainer, emit_qdq, twin_params, weight_codes,
+)
 from onnx_mptq.passes.simulate import ConvGeometry, simulate_unit
 from onnx_mptq.plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
 
@@ -287,7 +289,14 @@ def test_mnist_units_match_reference(mnist, case: str) -> None:
     for n in q.graph.node:
         if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].ndim >= 2:
             codes = inits[n.input[0]]
-            assert codes.dtype == np.int8
+            zp = inits[n.input[2]]
+            if codes.dtype == np.uint8:  # wide 8-bit codes: uint8 + 128 (exact on CPUs without VNNI)
+                assert CASES[case]["w_bits"] == 8 and np.all(zp == 128)
+                codes = codes.astype(np.int16) - 128
+                assert np.abs(codes).max() > 64
+            else:
+                assert codes.dtype == np.int8 and np.all(zp == 0)
+                assert np.abs(codes).max() <= 64 or opts.weight_container is WeightContainer.INT8
             lo, hi = qrange(CASES[case]["w_bits"], True)
             assert codes.min() >= lo and codes.max() <= hi
             axis = {a.name: a.i for a in n.attribute}["axis"]
@@ -336,6 +345,32 @@ def test_mnist_w8a8_runs_integer_kernels(mnist, tmp_path: Path, level: str) -> N
     # 25 Linears (MatMul) + 12 attention matmuls; the 2 head Gemms -> QGemm
     assert integer.get("MatMulIntegerToFloat", 0) + integer.get("QLinearMatMul", 0) == 37
     assert integer.get("QGemm", 0) == 2
+
+
+@pytest.mark.shared
+def test_mnist_twin_lattice_runs_integer_kernels(mnist, tmp_path: Path) -> None:
+    """Twin operands in the lattice form: one integer matmul each, the twin's elementwise ops
+    fused by ORT (QLinearLeakyRelu for GELU, QLinearWhere for Softmax)."""
+    model, analysis, calib, _ = mnist
+    plan = minmax_plan(model, analysis, calib, w_bits=4, a_bits=4, twin_roles=("fc2", "attn_av"))
+    tool = _load_tool()
+    q, report = emit_qdq(model, plan, analysis)
+    lattice = [eu.unit for eu in report.units if "twin" in eu.schemes and eu.matmuls == 1]
+    assert len(lattice) >= 6  # every softmax twin (m = k - 1 fits); gelu twins whose hand-set m fits
+    info = tool.count_kernels(save_model(q, tmp_path / "twin.onnx"))
+    assert info["float"] == []
+    split = split_twins(plan)
+    assert info["integer"].get("MatMulIntegerToFloat", 0) + info["integer"].get("QLinearMatMul", 0) == 37 + split
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "twin.onnx"), so, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert fused["QLinearWhere"] == 6  # the six softmax twins
+    assert fused["QLinearLeakyRelu"] == sum(1 for lp in plan.layers for a in lp.inputs
+                                            if a.scheme is Scheme.TWIN and a.twin_kind is TwinKind.GELU and a.m > 0
+                                            and lattice_fits(twin_params(a)))
 
 
 @pytest.mark.shared
@@ -534,3 +569,74 @@ def test_old_opset_is_refused() -> None:
     old.opset_import[0].version = 12
     with pytest.raises(UnsupportedModelError, match="opset 12"):
         emit_qdq(old, plan, analysis)
+
+
+def saturating_linear(d: int = 64) -> tuple[onnx.ModelProto, ModelAnalysis, QuantPlan, dict]:
+    """An attention block plus a Linear ``mm_wide`` (output ``wide``, no Q after it) that hits the
+    u8 x s8 worst case: every weight code +-127 (equal-magnitude weights, one sign per column)
+    and LayerNorm output codes 255 in adjacent pairs."""
+    model = separate_qkv_vit()
+    g = model.graph
+    rng = np.random.default_rng(0)
+    for t in g.initializer:
+        if t.name in ("g", "b"):
+            new = np.full(d, 1.0 if t.name == "g" else 0.0, np.float32)
+        else:
+            new = (0.1 * rng.standard_normal((d, d))).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(new, t.name))
+    for v in list(g.input) + list(g.output):
+        v.type.tensor_type.shape.dim[2].dim_value = d
+    wide = np.tile(np.sign(rng.standard_normal((1, d))), (d, 1)).astype(np.float32) * 0.05
+    g.initializer.append(numpy_helper.from_array(wide, "W_wide"))
+    g.node.append(helper.make_node("MatMul", ["y", "W_wide"], ["wide"], name="mm_wide"))
+    g.output.append(helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["N", 5, d]))
+    analysis = analyze(model)
+    assert "mm_wide" in {u.name for u in analysis.units}
+    x = np.where(np.arange(d) < d // 2, 1.0, -1.0).astype(np.float32)[None, None, :] * np.ones((2, 5, 1), np.float32)
+    feeds = {"x": x}
+    plan = minmax_plan(model, analysis, [feeds], 8, 8)
+    return model, analysis, plan, feeds
+
+
+@pytest.mark.parametrize("container", ["auto", "uint8"])
+def test_wide_weight_codes_are_exact_on_every_cpu(container: str) -> None:
+    model, analysis, plan, feeds = saturating_linear()
+    q, report = emit_qdq(model, plan, analysis, EmitOptions(weight_container=container))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    wdq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].ndim == 2]
+    assert len(wdq) == 5 == report.uint8_weights and report.weight_container == container
+    for n in wdq:
+        assert inits[n.input[0]].dtype == np.uint8 and np.all(inits[n.input[2]] == 128)
+    wide = next(inits[n.input[0]] for n in wdq if n.input[0].startswith("W_wide"))
+    assert set(np.unique(wide)) == {1, 255}  # codes -127 / +127
+    # exact against the numpy reference with ORT's fused integer kernels, whatever this CPU is
+    check_units_against_reference(model, q, plan, analysis, feeds, optimize=True)
+
+
+def test_int8_weight_container_is_exact_only_where_the_cpu_does_not_saturate() -> None:
+    from onnx_mptq.calibrate.session import cpu_u8s8_exact
+
+    model, analysis, plan, feeds = saturating_linear()
+    q, report = emit_qdq(model, plan, analysis, EmitOptions(weight_container="int8"))
+    assert report.uint8_weights == 0
+    auto, _ = emit_qdq(model, plan, analysis)
+    got = run(q, feeds, ["wide"])["wide"]
+    want = run(auto, feeds, ["wide"])["wide"]
+    if cpu_u8s8_exact():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # the documented hazard: int8 codes beyond +-64 saturate here
+        assert np.abs(got - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_weight_codes_container_rule() -> None:
+    small = np.array([[-64, 64], [3, -7]], np.int8)
+    wide = np.array([[-65, 2]], np.int8)
+    assert weight_codes(small, "auto")[0].dtype == np.int8 and weight_codes(small, "auto")[1] == 0
+    codes, zp = weight_codes(wide, "auto")
+    assert codes.dtype == np.uint8 and zp == 128 and codes.tolist() == [[63, 130]]
+    assert weight_codes(wide, "int8")[0].dtype == np.int8
+    assert weight_codes(small, "uint8")[0].tolist() == [[64, 192], [131, 121]]
+    assert U8S8_SAFE_CODE * 255 * 2 < 2 ** 15
+    with pytest.raises(ValueError):
+        EmitOptions(weight_container="int4")

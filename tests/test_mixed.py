@@ -73,17 +73,25 @@ def _with_twins(plan: QuantPlan, an) -> QuantPlan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
-@pytest.mark.parametrize("integer", [True, False])
+@pytest.mark.parametrize("mode", ["int8", "uint8", "float"])
 @pytest.mark.parametrize("bits,symmetric,twins", [(8, False, False), (4, False, True), (5, True, True), (3, True, False)])
-def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins, integer):
+def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins, mode):
+    from onnx_mptq.calibrate.session import cpu_u8s8_exact
+
+    integer = mode != "float"
+    if mode == "int8" and bits == 8 and not cpu_u8s8_exact():
+        pytest.skip("this CPU's u8 x s8 kernel saturates on 8-bit int8 weight codes (the search feeds uint8 here)")
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, act_symmetric=symmetric, optm=False))
     plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
     if twins:  # OPT-m quantizers in the sum (GELU) and split (softmax) slots, else uniform ones there
         plan = _with_twins(plan, tiny.an)
     assert sum(a.scheme is Scheme.TWIN for lp in plan.layers for a in lp.inputs) == (4 if twins else 0)
     qdq, _ = emit_qdq(tiny.work, plan, tiny.an)
-    pg = build_param_graph(tiny.work, tiny.an, integer=integer)
-    assert pg.integer is integer
+    pg = build_param_graph(tiny.work, tiny.an, integer=integer, weight_dtype="uint8" if mode == "uint8" else "int8")
+    assert pg.integer is integer and pg.weight_dtype == ("uint8" if mode == "uint8" else "int8")
+    if integer:
+        fed = [pg.feeds({lp.unit: lp for lp in plan.layers})[w.input] for w in pg.weights]
+        assert {a.dtype for a in fed} == {np.dtype(pg.weight_dtype)}
     x = random_images(16, seed=7)
     feeds = pg.feeds({lp.unit: lp for lp in plan.layers})
     ref = make_session(tiny.work, cfg.runtime).run({"input": x})[0]

@@ -86,6 +86,40 @@ def _tiny_model_bytes() -> bytes:
     return model.SerializeToString()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_u8s8_exact() -> bool:
+    """Whether ORT's CPU ``uint8 x int8`` integer matmul is exact here for full 8-bit weight codes.
+
+    x86 CPUs with AVX2 or AVX-512 but without VNNI sum adjacent ``u8 x s8`` products in int16
+    with saturation, so weight codes beyond +-64 give wrong results there (see
+    :mod:`onnx_mptq.passes.emit_qdq`, "Weights on CPUs without VNNI"). Probed once per process
+    with the worst case (activation codes 255, weight codes 127 and -127)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 2
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1] = -127
+    x = np.full((2, k), 255, np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
+         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "u8s8_probe", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        [numpy_helper.from_array(np.float32(1.0), "xs"), numpy_helper.from_array(np.uint8(0), "xz"),
+         numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.ones(n, np.float32), "ws"),
+         numpy_helper.from_array(np.zeros(n, np.int8), "wz")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = _quiet_session(model.SerializeToString(), options, [CPU])
+    got = sess.run(None, {"xq": x})[0]
+    exact = bool(np.array_equal(got, x.astype(np.float32) @ w.astype(np.float32)))
+    if not exact:
+        log.info("this CPU's uint8 x int8 kernel saturates (no VNNI): 8-bit weights are evaluated as uint8 + 128")
+    return exact
+
+
 def _driver_unavailable_reason() -> str | None:
     """Cheap checks, no ORT involved: the driver library loads and sees a CUDA device."""
     libname = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"

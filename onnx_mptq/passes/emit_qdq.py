@@ -5,14 +5,14 @@
 
 Weights (Linear / patch-embedding Conv), per output channel, symmetric, b bits::
 
-    q_w = clamp(rint(W / s_w[c]), -(2^(b-1) - 1), 2^(b-1) - 1)      stored as int8
-    W_hat = DequantizeLinear(q_w, s_w, 0, axis)
+    q_w = clamp(rint(W / s_w[c]), -(2^(b-1) - 1), 2^(b-1) - 1)      stored as int8 (or uint8 q_w + 128)
+    W_hat = DequantizeLinear(q_w, s_w, 0, axis)                     (zero point 128 in uint8)
 
 The stored integers are the weight *as the node reads it*: MatMul ``(K, N)``, axis 1 (a
 Transpose / Identity / Reshape chain in front of a constant weight is folded into the stored
 integers, so the DQ feeds the MatMul directly, which ORT's fusion needs); Gemm ``B`` in its own
 layout, axis 0 with ``transB=1`` else 1; Conv ``(O, I, kh, kw)``, axis 0. Zero points are int8
-zeros. The float initializer disappears unless another node still reads it.
+zeros, or uint8 128 for weights whose codes exceed +-64 ("Weights on CPUs without VNNI"). The float initializer disappears unless another node still reads it.
 
 Activations, per tensor (one Q/DQ group per (tensor, quantizer), shared by every unit that reads
 the tensor with the same quantizer)::
@@ -84,7 +84,7 @@ that layer's own input quantizer must describe the same grid (else :class:`PlanE
 Which ORT kernels run (ONNX Runtime 1.31, CPU, ``ORT_ENABLE_EXTENDED`` and ``ORT_ENABLE_ALL``;
 measured with ``tools/check_int_kernels.py``):
 
-* ``DQ(uint8 act) + DQ(int8 per-channel W) -> MatMul`` (no Q after it) -> ``MatMulIntegerToFloat``
+* ``DQ(uint8 act) + DQ(int8 or uint8 per-channel W) -> MatMul`` (no Q after it) -> ``MatMulIntegerToFloat``
   (the output stays float: the method does not quantize Linear outputs, so no requantization is
   added; ``DQ -> MatMul -> Q`` would become ``QLinearMatMul`` but would round every Linear output
   to 8 bits, which the reference does not do);
@@ -98,6 +98,19 @@ measured with ``tools/check_int_kernels.py``):
   the patch-embedding Conv computes in float on the dequantized integers (exact, not faster).
 * where the next unit's Q follows a matmul through Transpose/Reshape only (``P @ V`` -> proj),
   ORT moves that Q up and fuses ``QLinearMatMul``: the same Q, applied inside the kernel.
+
+Weights on CPUs without VNNI. ORT's x86 U8S8 kernel for AVX2 / AVX-512 without VNNI sums pairs
+of adjacent ``uint8 x int8`` products in int16 with saturation (``vpmaddubsw``): with 8-bit
+weight codes up to 127 and activation codes up to 255 a pair reaches 64,770 and the result is
+silently wrong (measured on an AVX2 CPU, ORT 1.31: a 64-deep dot product off by 1e6 of 2e6;
+the mnist ViT at W8A8 fell to 22 dB SQNR between ORT's fused and unfused graphs). Codes within
++-64 cannot saturate (``2 * 255 * 64 < 32767``). ``EmitOptions.weight_container``: ``auto`` (the
+default) stores a weight as int8 when all its codes are within +-64 (every weight of 7 bits or
+fewer) and otherwise as uint8 codes + 128 with zero point 128, the same grid, which ORT runs with
+its U8U8 kernel (16-bit widening, exact on every CPU; measured on AVX2 one 3152x384x1536
+MatMulIntegerToFloat takes 32.8 ms vs. 26.4 ms for the saturating int8 form and 74.8 ms in FP32);
+``int8`` keeps int8 for every weight (fastest on VNNI and ARM CPUs, wrong on AVX2 without VNNI);
+``uint8`` stores every weight as uint8.
 
 Measured (mnist ViT, batch 32, 1 thread, median of 3 x 20 runs; ``tools/check_int_kernels.py``):
 W8A8 2.4 ms (all 37 matmuls integer + 2 QGemm) vs. ``quantize_static`` QDQ 3.6 ms vs. FP32
@@ -154,6 +167,19 @@ class TwinForm(str, enum.Enum):
     LATTICE = "lattice"  # one integer matmul on the delta1 lattice (AUTO's first choice)
 
 
+class WeightContainer(str, enum.Enum):
+    """Storage of weight codes (module docstring, "Weights on CPUs without VNNI")."""
+
+    AUTO = "auto"  # int8 where every code is within +-64, else uint8 + 128: exact on every CPU
+    INT8 = "int8"  # int8, zero point 0 (U8S8): fastest on VNNI / ARM; saturates on AVX2 without VNNI
+    UINT8 = "uint8"  # codes + 128 in uint8, zero point 128 (U8U8 kernels), for every weight
+
+
+#: The largest |weight code| whose U8S8 product pairs fit int16 on every CPU: ``2 * 255 * 64 = 32640``
+#: (x86 AVX2 / AVX-512 without VNNI sums two adjacent u8 x s8 products with int16 saturation).
+U8S8_SAFE_CODE = 64
+
+
 class RangeForm(str, enum.Enum):
     """How codes are held to a b-bit range narrower than the 8-bit container."""
 
@@ -166,8 +192,10 @@ class EmitOptions:
     symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
     range_form: RangeForm = RangeForm.INTEGER
     twin_form: TwinForm = TwinForm.AUTO
+    weight_container: WeightContainer = WeightContainer.AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_container", WeightContainer(self.weight_container))
         object.__setattr__(self, "symmetric_container", SymmetricContainer(self.symmetric_container))
         object.__setattr__(self, "range_form", RangeForm(self.range_form))
         object.__setattr__(self, "twin_form", TwinForm(self.twin_form))
@@ -204,12 +232,24 @@ class EmitReport(Record):
     quantize_nodes: int = 0  # activation QuantizeLinear
     dequantize_nodes: int = 0  # activation DequantizeLinear
     weight_dequantize_nodes: int = 0
+    uint8_weights: int = 0  # weights stored as uint8 + 128 (WeightContainer)
+    weight_container: str = "auto"
     clip_nodes: int = 0
     other_nodes: tuple[tuple[str, int], ...] = ()  # (op_type, count): Add, Where, Less, MatMul, ...
     units: tuple[EmittedUnit, ...] = ()
     skipped: tuple[Skip, ...] = ()
     notes: tuple[str, ...] = ()
     already_quantized: bool = False
+
+
+def weight_codes(codes: np.ndarray, container: WeightContainer | str) -> tuple[np.ndarray, int]:
+    """Symmetric int8 weight codes in the container ``container`` chooses, and its zero point:
+    ``(codes, 0)`` in int8 or ``(codes + 128, 128)`` in uint8 (the same grid)."""
+    container = WeightContainer(container)
+    wide = codes.size and int(np.abs(codes.astype(np.int16)).max()) > U8S8_SAFE_CODE
+    if container is WeightContainer.UINT8 or (container is WeightContainer.AUTO and wide):
+        return (codes.astype(np.int16) + 128).astype(np.uint8), 128
+    return codes.astype(np.int8), 0
 
 
 def plan_digest(plan: QuantPlan) -> str:
@@ -454,12 +494,15 @@ class _Emitter:
         scales = np.asarray(wq.scales, dtype=np.float32)
         p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
         codes = quantize(w, p).astype(np.int8)  # within qrange(bits, True)
+        codes, zero_point = weight_codes(codes, self.options.weight_container)
+        if codes.dtype == np.uint8:
+            self.added["uint8 weights"] += 1
         base = f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
         dq = self.var(f"{base}/dq", np.float32)
         self.node(
             "DequantizeLinear", f"{base}/DequantizeLinear",
             [self.const(f"{base}/int", codes), self.const(f"{base}/scale", scales),
-             self.const(f"{base}/zero_point", np.zeros(scales.shape, np.int8))],
+             self.const(f"{base}/zero_point", np.full(scales.shape, zero_point, codes.dtype))],
             [dq], "WeightDequantizeLinear", axis=axis,
         )
         self.weight_dq[key] = dq
@@ -684,12 +727,14 @@ def emit_qdq(
 
     counts = em.added
     other = tuple(sorted((k, v) for k, v in counts.items()
-                         if k not in ("QuantizeLinear", "DequantizeLinear", "WeightDequantizeLinear", "Clip")))
+                         if k not in ("QuantizeLinear", "DequantizeLinear", "WeightDequantizeLinear", "Clip",
+                                      "uint8 weights")))
     report = EmitReport(
         model_digest=analysis.model_digest, plan_digest=digest, marker=marker,
         symmetric_container=options.symmetric_container.value, range_form=options.range_form.value,
         quantize_nodes=counts["QuantizeLinear"], dequantize_nodes=counts["DequantizeLinear"],
         weight_dequantize_nodes=counts["WeightDequantizeLinear"], clip_nodes=counts["Clip"],
+        uint8_weights=counts["uint8 weights"], weight_container=options.weight_container.value,
         other_nodes=other, units=tuple(emitted), skipped=tuple(skipped), notes=tuple(notes),
     )
     log.info("emitted %d units (%d Q, %d DQ, %d weight DQ, %d Clip); %d skipped", len(emitted),

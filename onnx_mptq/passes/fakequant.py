@@ -34,7 +34,8 @@ equal to the emitted sum of the two regions, each region's codes being zero outs
 
 Weights: the node's weight input is replaced by graph inputs in the layout the node reads
 (MatMul ``(K, N)``, Gemm ``B`` in its own layout, Conv ``(O, I, kh, kw)``). In the **integer**
-graph (``integer=True``, the default) they are the int8 codes and the per-channel steps, read
+graph (``integer=True``, the default) they are the int8 codes (or uint8 codes + 128,
+``weight_dtype``) and the per-channel steps, read
 through a per-axis ``DequantizeLinear`` exactly as the emitted model does; in the float graph a
 caller feeds pre-fake-quantized weights (:func:`fake_quant_weight_as_read`), the same values.
 
@@ -114,6 +115,7 @@ class ParamGraph:
     acts: tuple[ActSlot, ...]
     weights: tuple[WeightSlot, ...]
     integer: bool = False  # integer weights and requantized sum / split slots (module docstring)
+    weight_dtype: str = "int8"  # integer graph: "int8" codes, or "uint8" codes + 128 (zero point 128)
 
     def act_slots(self, unit: str) -> tuple[ActSlot, ...]:
         return tuple(s for s in self.acts if s.unit == unit)
@@ -161,6 +163,8 @@ class ParamGraph:
         if slot.scale_input is None:
             return {slot.input: fake_quant_weight_as_read(slot.weight, layer.weight, slot.axis)}
         codes, scales = quantize_weight_as_read(slot.weight, layer.weight, slot.axis)
+        if self.weight_dtype == "uint8":
+            codes = (codes.astype(np.int16) + 128).astype(np.uint8)
         return {slot.input: codes, slot.scale_input: scales}
 
     def feeds(self, layers: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:
@@ -317,14 +321,20 @@ class _Builder:
 
 
 def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
-                      units: tuple[str, ...] | None = None, integer: bool = True) -> ParamGraph:
+                      units: tuple[str, ...] | None = None, integer: bool = True,
+                      weight_dtype: str = "int8") -> ParamGraph:
     """The parametric fake-quant model of ``model`` (the float graph ``analysis`` describes).
 
     Every unit of ``analysis`` (or only ``units``) gets fake quantizers on its activation operands
     and weight graph inputs; the caller's proto is not modified. Graph outputs are unchanged.
     ``integer``: the integer graph (module docstring); False: float weights and no
-    requantization (holds twin quantizers of any ratio).
+    requantization (holds twin quantizers of any ratio). ``weight_dtype`` (integer graph): the
+    weight codes' container, ``"int8"`` or ``"uint8"`` (codes + 128, zero point 128: exact on CPUs
+    whose ``uint8 x int8`` kernel saturates, :func:`onnx_mptq.calibrate.session.cpu_u8s8_exact`).
     """
+    if weight_dtype not in ("int8", "uint8"):
+        raise ValueError(f"weight_dtype must be 'int8' or 'uint8', not {weight_dtype!r}")
+    wdt = np.int8 if weight_dtype == "int8" else np.uint8
     m = onnx.ModelProto()
     m.CopyFrom(model)
     assign_node_names(m)
@@ -380,10 +390,10 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
         axis = _weight_axis(node)
         if integer:
-            wq = gs.Variable(b.name(f"{base}/wq"), dtype=np.int8, shape=list(w.shape))
+            wq = gs.Variable(b.name(f"{base}/wq"), dtype=wdt, shape=list(w.shape))
             ws = gs.Variable(b.name(f"{base}/ws"), dtype=np.float32, shape=[int(w.shape[axis])])
             graph.inputs.extend([wq, ws])
-            zp = gs.Constant(b.name(f"{base}/wzp"), np.zeros(int(w.shape[axis]), np.int8))
+            zp = gs.Constant(b.name(f"{base}/wzp"), np.full(int(w.shape[axis]), 0 if wdt is np.int8 else 128, wdt))
             wd = gs.Variable(b.name(f"{base}/w_dq"), dtype=np.float32)
             b.new_nodes.append(gs.Node(op="DequantizeLinear", name=b.name(f"{base}/w/DequantizeLinear"),
                                        attrs={"axis": axis}, inputs=[wq, ws, zp], outputs=[wd]))
@@ -404,7 +414,7 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         _place_before_consumers(out.graph, {w.input for w in weights})
     log.debug("parametric graph: %d activation quantizers, %d weight inputs", len(acts), len(weights))
     return ParamGraph(model=out, model_digest=digest, data_inputs=data_inputs, acts=tuple(acts), weights=tuple(weights),
-                      integer=integer)
+                      integer=integer, weight_dtype=weight_dtype if integer else "int8")
 
 
 def _place_before_consumers(g: onnx.GraphProto, sources: set[str]) -> None:

@@ -501,9 +501,11 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     pins = parse_pins(mixed.keep)
 
     from ..calibrate.sensitivity import ParamEvaluator
+    from ..calibrate.session import cpu_u8s8_exact
     from ..passes.fakequant import build_param_graph
 
-    graph = build_param_graph(model, analysis, integer=integer_evaluation(config))
+    graph = build_param_graph(model, analysis, integer=integer_evaluation(config),
+                              weight_dtype="int8" if cpu_u8s8_exact() else "uint8")
     weights = {s.unit: (s.weight, s.axis) for s in graph.weights}
     units = list(analysis.units)
     params: dict[str, int] = {}
