@@ -112,11 +112,12 @@ MatMulIntegerToFloat takes 32.8 ms vs. 26.4 ms for the saturating int8 form and 
 ``int8`` keeps int8 for every weight (fastest on VNNI and ARM CPUs, wrong on AVX2 without VNNI);
 ``uint8`` stores every weight as uint8.
 
-Measured (mnist ViT, batch 32, 1 thread, median of 3 x 20 runs; ``tools/check_int_kernels.py``):
+Measured before the lattice form and the uint8 weight container existed, on a VNNI-capable
+machine (mnist ViT, batch 32, 1 thread, median of 3 x 20 runs; ``tools/check_int_kernels.py``):
 W8A8 2.4 ms (all 37 matmuls integer + 2 QGemm) vs. ``quantize_static`` QDQ 3.6 ms vs. FP32
 3.1-3.2 ms. Symmetric activations: uint8+128 with the integer Clip 2.4 ms, float Clip 3.1 ms,
-int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs: 3.2 ms (integer
-Clip) vs. 4.0 ms (float Clip); the softmax regions' Less/Where run in float.
+int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs (split form): 3.2 ms
+(integer Clip) vs. 4.0 ms (float Clip). Current figures: BENCHMARKS.md sections 1 and 3.
 
 Opset >= 13 is required (per-axis DequantizeLinear); the model keeps its opset, graph inputs,
 outputs, node names and metadata, and gains ``metadata_props["onnx_mptq.quantized"]`` (the plan
