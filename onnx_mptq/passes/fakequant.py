@@ -71,6 +71,7 @@ from ..graph.io import assign_node_names, graph_digest
 from ..numerics.quant import UniformParams, fake_quant, qrange, quantize
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
+from .emit_qdq import WeightContainer, weight_codes
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class ParamGraph:
             return {slot.input: fake_quant_weight_as_read(slot.weight, layer.weight, slot.axis)}
         codes, scales = quantize_weight_as_read(slot.weight, layer.weight, slot.axis)
         if self.weight_dtype == "uint8":
-            codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+            codes = weight_codes(codes, WeightContainer.UINT8)[0]
         return {slot.input: codes, slot.scale_input: scales}
 
     def feeds(self, layers: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:

@@ -81,7 +81,7 @@ from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..records import Record
-from .scales import _best_of, _range_params, _twin_record, _uniform_record, integer_evaluation, twin_max_m  # one place builds plan records
+from .scales import _best_of, _range_params, _twin_record, _uniform_record, evaluation_graph, twin_max_m  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -501,11 +501,8 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     pins = parse_pins(mixed.keep)
 
     from ..calibrate.sensitivity import ParamEvaluator
-    from ..calibrate.session import cpu_u8s8_exact
-    from ..passes.fakequant import build_param_graph
 
-    graph = build_param_graph(model, analysis, integer=integer_evaluation(config),
-                              weight_dtype="int8" if cpu_u8s8_exact() else "uint8")
+    graph = evaluation_graph(model, analysis, config)
     weights = {s.unit: (s.weight, s.axis) for s in graph.weights}
     units = list(analysis.units)
     params: dict[str, int] = {}

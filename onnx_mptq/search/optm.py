@@ -49,7 +49,7 @@ from ..errors import CalibrationError, PlanError
 from ..graph.analysis import ModelAnalysis
 from ..numerics.metrics import family_z, kl_per_sample, paired_improvement
 from ..plan import LayerPlan, QuantPlan, average_bits
-from .scales import TwinOption, integer_evaluation
+from .scales import TwinOption, evaluation_graph
 
 if TYPE_CHECKING:
     from ..calibrate.capture import CapturedInputs
@@ -164,12 +164,9 @@ def make_evaluator(model: onnx.ModelProto, analysis: ModelAnalysis, captured: "C
     ``config.quant.optm_subset`` calibration samples (None: sized by compute, as mixed precision's
     subset, :func:`onnx_mptq.search.mixed.subset_size`)."""
     from ..calibrate.sensitivity import ParamEvaluator
-    from ..calibrate.session import cpu_u8s8_exact
-    from ..passes.fakequant import build_param_graph
     from .mixed import subset_size
 
-    graph = build_param_graph(model, analysis, integer=integer_evaluation(config),
-                              weight_dtype="int8" if cpu_u8s8_exact() else "uint8")
+    graph = evaluation_graph(model, analysis, config)
     widest = max((e for u in analysis.units for e in captured[u.name].elems_per_sample), default=1)
     chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
     return ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(config.quant.optm_subset, analysis, captured),
