@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.calibrate.sensitivity import ParamEvaluator
+from onnx_mptq.evaluate.evaluator import ParamEvaluator
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Config, MixedConfig, QuantConfig
 from onnx_mptq.errors import ConfigError, PlanError
@@ -20,7 +20,7 @@ from onnx_mptq.graph.analysis import Role, analyze, prepare
 from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
 from onnx_mptq.passes.emit_qdq import emit_qdq
-from onnx_mptq.passes.fakequant import build_param_graph, split_stages
+from onnx_mptq.evaluate.fakequant import build_param_graph, split_stages
 from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import QuantPlan, Scheme, TwinKind, average_bits
 from onnx_mptq.search.mixed import AllocationResult, UnitQuantizers, allocate_bits
@@ -145,7 +145,7 @@ def test_integer_graph_refuses_a_twin_outside_the_lattice(tiny):
     y_qdq = make_session(qdq, rt).run({"input": x})[0]
     assert np.max(np.abs(y_param - y_qdq)) <= 1e-4 * float(np.abs(y_qdq).max())
     # the searches pick the graph their quantizers fit: integer unless --optm-any-m
-    from onnx_mptq.search.scales import integer_evaluation
+    from onnx_mptq.evaluate.factory import integer_evaluation
 
     assert integer_evaluation(Config()) and integer_evaluation(Config(quant=QuantConfig(optm=False, optm_lattice=False)))
     assert not integer_evaluation(Config(quant=QuantConfig(optm_lattice=False)))
@@ -375,7 +375,7 @@ def test_mixed_beats_uniform_on_real_models(name):
 
 
 def test_subset_is_sized_by_compute(tiny):
-    from onnx_mptq.search.mixed import SUBSET_MACS, SUBSET_RANGE, macs_per_sample, subset_size
+    from onnx_mptq.evaluate.factory import SUBSET_MACS, SUBSET_RANGE, macs_per_sample, subset_size
 
     # MACs: every Linear / Conv unit's captured input elements per sample times its output channels
     expected = sum(tiny.cap[u.name].elems_per_sample[0] * u.out_features for u in tiny.an.units if u.out_features)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.calibrate.sensitivity import ParamEvaluator
+from onnx_mptq.evaluate.evaluator import ParamEvaluator
 from onnx_mptq.config import Config, OptmSelect, QuantConfig
 from onnx_mptq.errors import ConfigError, PlanError
 from onnx_mptq.numerics.metrics import family_z, kl_softmax, paired_improvement

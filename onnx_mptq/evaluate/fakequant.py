@@ -71,7 +71,7 @@ from ..graph.io import assign_node_names, graph_digest
 from ..numerics.quant import UniformParams, fake_quant, qrange, quantize
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
-from .emit_qdq import WeightContainer, weight_codes
+from ..passes.emit_qdq import WeightContainer, weight_codes
 
 log = logging.getLogger(__name__)
 

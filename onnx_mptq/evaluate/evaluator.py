@@ -1,7 +1,7 @@
 """Fast evaluation of bit assignments, and per-layer SQNR between two models (ORT side).
 
 :class:`ParamEvaluator` holds ONE ONNX Runtime session of a parametric fake-quant graph
-(:func:`onnx_mptq.passes.fakequant.build_param_graph`; or one session per stage of it, see the
+(:func:`onnx_mptq.evaluate.fakequant.build_param_graph`; or one session per stage of it, see the
 class), a fixed calibration subset and the FP32 logits on it. ``distance(layers)`` feeds the
 quantization parameters of a full assignment (one :class:`~onnx_mptq.plan.LayerPlan` per unit)
 and returns how far the quantized logits ``z_q`` are from the FP32 ones ``z``::
@@ -27,20 +27,17 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..calibrate.session import make_session
 from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError, PlanError
 from ..numerics.metrics import kl_softmax
 from ..plan import LayerPlan, WeightQuant
-from .session import make_session
-
-if TYPE_CHECKING:  # the graph record comes from passes.fakequant; only its duck type is used here
-    from ..passes.fakequant import ParamGraph
+from .fakequant import ParamGraph, Stage, split_stages
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +120,14 @@ class ParamEvaluator:
     """KL of a quantized assignment against FP32 on a calibration subset (module docstring).
 
     Staged evaluation (``staged=True``): the parametric graph is cut into stages
-    (:func:`onnx_mptq.passes.fakequant.split_stages`, one session each, built once). The tensors
+    (:func:`onnx_mptq.evaluate.fakequant.split_stages`, one session each, built once). The tensors
     at the cuts are cached for a *base* assignment (:meth:`set_base`); an evaluation that differs
     from the base only in later units starts from the first stage those units touch. Results are
     identical to a run of the whole graph."""
 
-    def __init__(self, graph: "ParamGraph", reference: onnx.ModelProto, data: Iterable, runtime: RuntimeConfig, *,
+    def __init__(self, graph: ParamGraph, reference: onnx.ModelProto, data: Iterable, runtime: RuntimeConfig, *,
                  samples: int = 32, seed: int = 0, batch_size: int | None = None, staged: bool = True,
                  metric: str = "kl") -> None:
-        from ..passes.fakequant import Stage, split_stages
-
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         self.metric = metric
