@@ -35,6 +35,7 @@ import onnxruntime as ort
 from ..calibrate.session import make_session
 from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError, PlanError
+from ..graph.edit import produced_tensors, with_outputs
 from ..numerics.metrics import kl_softmax
 from ..plan import LayerPlan, WeightQuant
 from .fakequant import ParamGraph, Stage, split_stages
@@ -316,30 +317,19 @@ class ParamEvaluator:
 # per-layer SQNR
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return m
-
-
 def unit_output_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str],
                      inputs: Mapping[str, np.ndarray], runtime: RuntimeConfig,
                      batch_size: int | None = None) -> dict[str, float]:
     """SQNR (dB) of each tensor of ``quantized`` against the same-named tensor of ``reference``
     on ``inputs`` ({input: (n, ...)}); tensors missing from either model are left out."""
     def produced(m: onnx.ModelProto) -> set[str]:
-        return {o for n in m.graph.node for o in n.output if o} | {o.name for o in m.graph.output}
+        return produced_tensors(m, inputs=False) | {o.name for o in m.graph.output}
 
     names = [t for t in dict.fromkeys(tensors) if t in produced(reference) and t in produced(quantized)]
     if not names:
         return {}
-    rs = make_session(_with_outputs(reference, names), runtime)
-    qs = make_session(_with_outputs(quantized, names), runtime)
+    rs = make_session(with_outputs(reference, names), runtime)
+    qs = make_session(with_outputs(quantized, names), runtime)
     n = int(next(iter(inputs.values())).shape[0])
     bs = batch_size or runtime.batch_size
     sig = dict.fromkeys(names, 0.0)
