@@ -488,7 +488,6 @@ def split_stages(pg: ParamGraph, max_stages: int = 8) -> tuple[Stage, ...]:
         return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
     static = _static_tensors(g)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    vinfo = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
     prod: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -538,42 +537,24 @@ def split_stages(pg: ParamGraph, max_stages: int = 8) -> tuple[Stage, ...]:
     if not cuts:
         return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
 
-    def value_info(name: str) -> onnx.ValueInfoProto:
-        if name in vinfo:
-            v = onnx.ValueInfoProto()
-            v.CopyFrom(vinfo[name])
-            return v
-        return onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
-
-    inits = {i.name: i for i in g.initializer}
-    stages: list[Stage] = []
     edges = [-1, *cuts, len(nodes) - 1]
+    spans = []
     for k in range(len(edges) - 1):
-        lo, hi = edges[k] + 1, edges[k + 1]
-        part = nodes[lo:hi + 1]
+        part = nodes[edges[k] + 1:edges[k + 1] + 1]
         read = [t for n in part for t in n.input if t]
         cut_in = valid[edges[k]] if k > 0 else ()
         ins = tuple(dict.fromkeys([*cut_in, *(t for t in read if t in data)]))
         used_params = tuple(dict.fromkeys(t for t in read if t in params))
-        outs = valid[hi] if k < len(edges) - 2 else tuple(o.name for o in g.output)
-        produced = {o for n in part for o in n.output}
-        # static tensors produced by earlier stages are recomputed here: pull in their nodes
-        needed_static = {t for t in read if t in static and t not in inits and t not in produced}
-        extra_idx: list[int] = []
-        for j in range(lo - 1, -1, -1):
-            if needed_static and any(o in needed_static for o in nodes[j].output):
-                extra_idx.append(j)
-                needed_static.update(t for t in nodes[j].input if t and t in static and t not in inits)
-        extra = [nodes[j] for j in sorted(extra_idx)]
-        all_nodes = extra + part
-        init_names = dict.fromkeys(t for n in all_nodes for t in n.input if t in inits)
-        graph = onnx.helper.make_graph(
-            all_nodes, f"{g.name}_stage{k}",
-            [value_info(t) for t in (*ins, *used_params)],
-            [value_info(t) for t in outs],
-            [inits[t] for t in init_names],
-        )
-        sm = onnx.helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
-        stages.append(Stage(sm, ins, used_params, outs))
+        outs = valid[edges[k + 1]] if k < len(edges) - 2 else tuple(o.name for o in g.output)
+        spans.append((ins, used_params, outs))
+    # each stage is what its outputs need back to its inputs; the initializer-only computations
+    # it reads (Constants, shape arithmetic) come along, recomputed in every stage that reads them
+    ex = onnx.utils.Extractor(m)
+    for ins, used_params, outs in spans:
+        for t in (*ins, *used_params, *outs):
+            if t not in ex.value_infos:  # cut tensors the export gave no type: their type from the sweep above
+                ex.value_infos[t] = onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None)
+    stages = [Stage(ex.extract_model([*ins, *used_params], list(outs)), ins, used_params, outs)
+              for ins, used_params, outs in spans]
     log.debug("parametric graph in %d stages", len(stages))
     return tuple(stages)
