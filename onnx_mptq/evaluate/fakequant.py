@@ -289,29 +289,23 @@ def _weight_axis(node: gs.Node) -> int:
 
 
 class _Builder:
+    """Adds the fake quantizers' nodes through onnx-graphsurgeon's ``Graph.layer`` (which names
+    the new tensors uniquely). The parameter inputs get exact names under ``PREFIX``, which
+    :func:`build_param_graph` has checked the model does not use."""
+
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
-        self.new_nodes: list[gs.Node] = []
-
-    def name(self, base: str) -> str:
-        cand, k = base, 1
-        while cand in self.used:
-            cand = f"{base}_{k}"
-            k += 1
-        self.used.add(cand)
-        return cand
 
     def scalar_input(self, name: str) -> gs.Variable:
         param = name.rsplit("/", 1)[-1]
-        dtype = np.float32 if param in _FLOAT_PARAMS else np.uint8
-        v = gs.Variable(self.name(name), dtype=dtype, shape=())
+        v = gs.Variable(name, dtype=np.float32 if param in _FLOAT_PARAMS else np.uint8, shape=())
         self.graph.inputs.append(v)
         return v
 
-    def op(self, op: str, base: str, inputs: list, dtype=np.float32) -> gs.Variable:
-        out = gs.Variable(self.name(f"{base}/{op.lower()}_out"), dtype=dtype)
-        self.new_nodes.append(gs.Node(op=op, name=self.name(f"{base}/{op}"), inputs=inputs, outputs=[out]))
+    def op(self, op: str, base: str, inputs: list, dtype=np.float32, **attrs) -> gs.Variable:
+        (out,) = self.graph.layer(op=op, name=f"{base}/{op}", inputs=inputs, outputs=[f"{base}/{op.lower()}_out"],
+                                  attrs=attrs)
+        out.dtype = dtype  # typed: the stage cut looks for float tensors
         return out
 
     def fq(self, x: gs.Tensor, s: gs.Tensor, zp: gs.Tensor, lo: gs.Tensor, hi: gs.Tensor, base: str) -> gs.Variable:
@@ -344,6 +338,10 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         raise PlanError(f"the analysis was made for another graph (analysis {analysis.model_digest}, model {digest})")
     wanted = None if units is None else set(units)
     graph = gs.import_onnx(m)
+    taken = sorted(t for t in [*graph.tensors(), *(n.name for n in graph.nodes)] if t.startswith(f"{PREFIX}/"))
+    if taken:
+        raise UnsupportedModelError(f"the model already has tensors or nodes named {PREFIX}/... ({taken[0]!r}); "
+                                    f"it looks like a parametric evaluation graph itself")
     data_inputs = tuple(t.name for t in graph.inputs)
     view = GraphView(graph)
     nodes = {n.name: n for n in graph.nodes}
@@ -391,21 +389,17 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
         axis = _weight_axis(node)
         if integer:
-            wq = gs.Variable(b.name(f"{base}/wq"), dtype=wdt, shape=list(w.shape))
-            ws = gs.Variable(b.name(f"{base}/ws"), dtype=np.float32, shape=[int(w.shape[axis])])
+            wq = gs.Variable(f"{base}/wq", dtype=wdt, shape=list(w.shape))
+            ws = gs.Variable(f"{base}/ws", dtype=np.float32, shape=[int(w.shape[axis])])
             graph.inputs.extend([wq, ws])
-            zp = gs.Constant(b.name(f"{base}/wzp"), np.full(int(w.shape[axis]), 0 if wdt is np.int8 else 128, wdt))
-            wd = gs.Variable(b.name(f"{base}/w_dq"), dtype=np.float32)
-            b.new_nodes.append(gs.Node(op="DequantizeLinear", name=b.name(f"{base}/w/DequantizeLinear"),
-                                       attrs={"axis": axis}, inputs=[wq, ws, zp], outputs=[wd]))
-            node.inputs[1] = wd
+            zp = gs.Constant(f"{base}/wzp", np.full(int(w.shape[axis]), 0 if wdt is np.int8 else 128, wdt))
+            node.inputs[1] = b.op("DequantizeLinear", f"{base}/w", [wq, ws, zp], axis=axis)
             weights.append(WeightSlot(unit.name, wq.name, axis, w, ws.name))
             continue
-        wv = gs.Variable(b.name(f"{base}/w"), dtype=np.float32, shape=list(w.shape))
+        wv = gs.Variable(f"{base}/w", dtype=np.float32, shape=list(w.shape))
         graph.inputs.append(wv)
         node.inputs[1] = wv
         weights.append(WeightSlot(unit.name, wv.name, axis, w))
-    graph.nodes.extend(b.new_nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     out = onnx.ModelProto()
