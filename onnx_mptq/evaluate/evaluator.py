@@ -46,10 +46,14 @@ METRICS = ("kl", "nmse")
 _MAX_WEIGHT_CACHE = 4096  # fake-quantized weight arrays kept (per unit and quantizer)
 
 
-def _batch_inputs(batch) -> dict[str, np.ndarray]:
+def _batch_inputs(batch, names: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays of a Batch (or a dict of arrays), which must hold every input in ``names``."""
     inputs = getattr(batch, "inputs", batch)
     if not isinstance(inputs, Mapping):
         raise DataError(f"data must yield Batch objects or dicts of arrays, got {type(batch).__name__}")
+    missing = [k for k in names if k not in inputs]
+    if missing:
+        raise DataError(f"{what} lacks model input(s) {', '.join(missing)}")
     return {k: np.asarray(v) for k, v in inputs.items()}
 
 
@@ -62,10 +66,7 @@ def sample_subset(data: Iterable, names: Sequence[str], samples: int, seed: int 
     kept: list[tuple[int, dict[str, np.ndarray]]] = []
     seen = 0
     for batch in data:
-        feeds = _batch_inputs(batch)
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise DataError(f"calibration batch lacks model input(s) {', '.join(missing)}")
+        feeds = _batch_inputs(batch, names, "calibration batch")
         n = int(feeds[names[0]].shape[0])
         for i in range(n):
             sample = {k: feeds[k][i:i + 1] for k in names}
@@ -87,10 +88,7 @@ def first_samples(data: Iterable, names: Sequence[str], samples: int) -> dict[st
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     n = 0
     for batch in data:
-        feeds = _batch_inputs(batch)
-        missing = [k for k in names if k not in feeds]
-        if missing:
-            raise DataError(f"data batch lacks model input(s) {', '.join(missing)}")
+        feeds = _batch_inputs(batch, names, "data batch")
         take = min(samples - n, int(feeds[names[0]].shape[0]))
         for k in names:
             parts[k].append(feeds[k][:take])

@@ -152,26 +152,30 @@ class AllocationStep:
 
 @dataclasses.dataclass(frozen=True)
 class UnitBits:
+    """One unit's bits as allocated, and the counts its bits are weighed by in the averages."""
+
     unit: str
     role: str
     w_bits: int | None  # None: no weight
     a_bits: int
-    pinned: bool
-    params: int
-    act_elems: int
+    pinned: bool  # by mixed.keep
+    params: int  # weight elements (0: no weight)
+    act_elems: int  # operand elements per sample in the activation average (0: not counted)
 
 
 @dataclasses.dataclass(frozen=True)
 class AllocationResult(Record):
+    """What :func:`allocate_bits` chose, how close it came to FP32 and what it cost."""
+
     KIND = "bit_allocation"
     SCHEMA_VERSION = 1
 
     model_digest: str
-    target_bits: float | None
+    target_bits: float | None  # the budget asked (mixed.target_bits, mixed.target_size_mb)
     target_size_mb: float | None
-    candidates: tuple[int, ...]
+    candidates: tuple[int, ...]  # the ladder, highest first
     units: tuple[UnitBits, ...]
-    avg_weight_bits: float
+    avg_weight_bits: float  # achieved
     avg_activation_bits: float
     size_mb: float
     distance: float  # the metric of the final assignment on the subset
