@@ -40,6 +40,7 @@ def test_bench_quant_smoke(capsys):
     assert "calibration 16 samples, evaluation 48 samples" in out
 
 
+@pytest.mark.slow
 def test_bench_ablation_smoke(capsys):
     import bench_ablation
 

@@ -20,9 +20,9 @@ lowest candidates (with the pins) cannot meet it, :class:`ConfigError` says so b
 
 Sensitivity. How far the network's outputs move from FP32 on a calibration subset
 (``mixed.subset`` samples; by default as many as a fixed amount of compute per evaluation
-allows, :func:`subset_size`), measured with the whole network fake-quantized at the current
+allows, :func:`onnx_mptq.evaluate.factory.subset_size`), measured with the whole network fake-quantized at the current
 assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs; the
-integer graph of :func:`onnx_mptq.passes.fakequant.build_param_graph`, which runs the emitted
+integer graph of :func:`onnx_mptq.evaluate.fakequant.build_param_graph`, which runs the emitted
 model's integer kernels, unless ``quant.optm_lattice`` is off and twins outside the uint8
 lattice are possible). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
@@ -194,7 +194,7 @@ class AllocationResult(Record):
 
 class Evaluator(Protocol):
     """What the greedy needs: the distance of a full assignment's outputs from FP32 (see
-    calibrate.sensitivity.ParamEvaluator); ``set_base`` (optional) announces the assignment later
+    evaluate.evaluator.ParamEvaluator); ``set_base`` (optional) announces the assignment later
     ones are compared with."""
 
     samples: int
