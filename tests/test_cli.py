@@ -219,6 +219,7 @@ def test_weight_container_flag(files, capsys):
 # export
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_export_then_inspect_and_quantize(tmp_path, capsys):
     pytest.importorskip("torch")
