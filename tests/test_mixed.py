@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.evaluate.evaluator import ParamEvaluator
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Config, MixedConfig, QuantConfig
-from onnx_mptq.errors import ConfigError, PlanError
+from onnx_mptq.errors import ConfigError, PlanError, UnsupportedModelError
+from onnx_mptq.evaluate.evaluator import ParamEvaluator
+from onnx_mptq.evaluate.fakequant import (
+    LATTICE_PARAMS, SPLIT_PARAMS, SUM_PARAMS, UNIFORM_PARAMS, build_param_graph, split_stages)
 from onnx_mptq.graph.analysis import Role, analyze, prepare
+from onnx_mptq.graph.io import graph_digest
 from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
 from onnx_mptq.passes.emit_qdq import emit_qdq
-from onnx_mptq.evaluate.fakequant import build_param_graph, split_stages
 from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import QuantPlan, Scheme, TwinKind, average_bits
 from onnx_mptq.search.mixed import AllocationResult, UnitQuantizers, allocate_bits
@@ -164,6 +166,17 @@ def test_param_graph_leaves_the_model_alone_and_names_its_inputs(tiny):
             else "uniform"
         assert s.form == want
     assert {w.unit for w in pg.weights} == {u.name for u in tiny.an.units if u.weight is not None}
+    for s in pg.acts:  # exact names: the feeds are keyed by them
+        params = SPLIT_PARAMS + LATTICE_PARAMS if s.form == "split" else SUM_PARAMS + LATTICE_PARAMS \
+            if s.form == "sum" else UNIFORM_PARAMS
+        assert s.inputs == tuple(f"mptq_fq/{s.unit}/a{s.operand}/{p}" for p in params)
+    renamed = pg.model.__class__()
+    renamed.CopyFrom(tiny.work)
+    renamed.graph.node[0].output[0] = "mptq_fq/x"  # a model already holding names of the prefix is refused
+    for n in renamed.graph.node[1:]:
+        n.input[:] = ["mptq_fq/x" if t == tiny.work.graph.node[0].output[0] else t for t in n.input]
+    with pytest.raises(UnsupportedModelError, match="already has tensors or nodes named mptq_fq/"):
+        build_param_graph(renamed, dataclasses.replace(tiny.an, model_digest=graph_digest(renamed)))
 
 
 def test_staged_evaluation_equals_whole_graph(tiny):
