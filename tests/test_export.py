@@ -255,6 +255,7 @@ def test_unknown_model_name(torch, tmp_path):
         export_timm("no_such_net_xyz", tmp_path / "m.onnx")
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm
 @pytest.mark.torch
 def test_pretrained_without_network_fails_quickly(torch, tmp_path):
     # huggingface_hub reads HF_HUB_OFFLINE at import time, so the check runs in a fresh interpreter.
