@@ -118,7 +118,7 @@ class QuantConfig:
     # network-level choice of the twin quantizers (search/optm.py): calibration samples used,
     # and how many standard errors of the subset's noise a kept change must clear
     optm_select: OptmSelect = OptmSelect.NETWORK
-    optm_subset: int | None = None  # None: sized by compute (search/mixed.py subset_size)
+    optm_subset: int | None = None  # None: sized by compute (evaluate/factory.py subset_size)
     optm_z: float = 2.0
     # storage of weight codes in the emitted model (passes/emit_qdq.py, "Weights on CPUs without
     # VNNI"): auto = int8 where every code is within +-64, else uint8 + 128 (exact on every CPU);

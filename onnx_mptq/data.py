@@ -34,8 +34,8 @@ import logging
 import math
 import os
 import re
-import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -522,52 +522,41 @@ class DataSource:
 
 @dataclasses.dataclass(frozen=True)
 class _NpyMember:
-    """One array of a .npz, read without loading the whole file."""
+    """One array of a .npz (zip member ``name + ".npy"``), streamed without loading the whole file."""
 
     path: Path
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     fortran: bool
-    offset: int | None  # byte offset of the data in the file for stored (uncompressed) members
 
     def full(self) -> np.ndarray:
-        if self.offset is not None and not self.fortran and math.prod(self.shape) > 0:
-            return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
         with np.load(self.path, allow_pickle=False) as z:
             return z[self.name]
 
     def chunks(self, rows: int, total: int) -> Iterator[np.ndarray]:
         """Consecutive row blocks of ``rows`` along dim 0, ``total`` rows in all.
 
-        Stored members are read block by block with plain file reads, not through a memory map:
-        mapped pages stay resident until the map goes away, so the process's RSS would grow with
-        the size of the data (tools/bench_memory.py)."""
-        row_items = math.prod(self.shape[1:])
-        row_bytes = row_items * self.dtype.itemsize
+        Read from the member's stream (:mod:`zipfile` inflates deflated members as it goes,
+        :mod:`numpy.lib.format` reads the header) one block at a time into a fresh array: memory
+        holds one block whatever the size of the file, and no memory map keeps pages resident
+        (tools/bench_memory.py)."""
         if self.fortran:  # rare (np.savez of a transposed array): read whole
             arr = self.full()
             for i in range(0, total, rows):
                 yield np.ascontiguousarray(arr[i : min(i + rows, total)])
             return
-        if self.offset is not None:
-            with open(self.path, "rb") as raw:
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.name + ".npy") as f:
+                _read_npy_header(f)
                 for i in range(0, total, rows):
-                    n = min(rows, total - i)
-                    raw.seek(self.offset + i * row_bytes)
-                    a = np.fromfile(raw, dtype=self.dtype, count=n * row_items)
-                    if a.size != n * row_items:
+                    block = np.empty((min(rows, total - i), *self.shape[1:]), dtype=self.dtype)
+                    if f.readinto(block.reshape(-1).view(np.uint8)) != block.nbytes:
                         raise DataError(f"{self.path}: array {self.name!r} is truncated")
-                    yield a.reshape((n, *self.shape[1:]))
-            return
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.name + ".npy") as f:
-            _read_npy_header(f)
-            for i in range(0, total, rows):
-                n = min(rows, total - i)
-                buf = f.read(n * row_bytes)
-                if len(buf) != n * row_bytes:
-                    raise DataError(f"{self.path}: array {self.name!r} is truncated")
-                yield np.frombuffer(buf, dtype=self.dtype).reshape((n, *self.shape[1:]))
+                    yield block
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{self.path}: array {self.name!r} is truncated or corrupt ({type(e).__name__}: "
+                            f"{str(e)[:120]})") from None
 
 
 def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -581,25 +570,16 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def _npz_members(path: Path) -> dict[str, _NpyMember]:
     out: dict[str, _NpyMember] = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+    with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
                 continue
             name = info.filename[: -len(".npy")]
             with zf.open(info) as f:
                 shape, fortran, dtype = _read_npy_header(f)
-                header_len = f.tell() if info.compress_type == zipfile.ZIP_STORED else None
             if dtype.hasobject:
                 raise ValueError(f"array {name!r} holds Python objects")
-            offset = None
-            if header_len is not None:
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                if local[:4] != b"PK\x03\x04":
-                    raise ValueError("corrupt zip member header")
-                n_name, n_extra = struct.unpack("<HH", local[26:30])
-                offset = info.header_offset + 30 + n_name + n_extra + header_len
-            out[name] = _NpyMember(path, name, tuple(int(s) for s in shape), np.dtype(dtype), bool(fortran), offset)
+            out[name] = _NpyMember(path, name, tuple(int(s) for s in shape), np.dtype(dtype), bool(fortran))
     return out
 
 
@@ -610,7 +590,7 @@ class _NpzSource(DataSource):
             raise DataError(f"{path}: no such file")
         try:
             members = _npz_members(path)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e)[:120]})") from None
         mapping = _match_names(where, sorted(members), specs)
         sizes: set[int] = set()

@@ -218,7 +218,7 @@ def write_report(dir: Path, result: Any, source_model: onnx.ModelProto, *, calib
     data to evaluate the FP32 model on for the summary table (the quantized side comes from
     ``result.validation``, or is evaluated here when missing); ``fp32_eval``: an FP32
     :class:`~onnx_mptq.validate.EvaluationReport` already at hand."""
-    from .calibrate.sensitivity import first_samples, unit_output_sqnr
+    from .evaluate.evaluator import first_samples, unit_output_sqnr
     from .validate import evaluate
 
     runtime = runtime or RuntimeConfig()

@@ -184,8 +184,10 @@ EXPECTED = {
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind", ["vit", "deit", "deit_distilled", "swin"])
-@pytest.mark.parametrize("variant", ["o17", "o14", "dynamo"])
+@pytest.mark.parametrize("variant,kind", [
+    pytest.param(v, k, marks=() if (v, k) in {("o17", "vit"), ("o17", "deit_distilled"), ("o14", "swin")}
+                 else pytest.mark.slow)  # the rest (dynamo: test_export proves the exporter): more exports
+    for v in ("o17", "o14", "dynamo") for k in ("vit", "deit", "deit_distilled", "swin")])
 def test_timm_exports(kind: str, variant: str, tiny_onnx) -> None:
     opset = {"o17": 17, "o14": 14, "dynamo": 18}[variant]
     path = tiny_onnx(kind, opset, dynamo=variant == "dynamo")

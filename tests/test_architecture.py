@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +13,18 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "onnx_mptq"
 
 # layer -> packages of onnx_mptq it must not import
+# (evaluate/ sits below search and above passes, graph and calibrate's session: the searches'
+# evaluation graph and evaluator, not the emitted model)
 FORBIDDEN = {
-    "numerics": {"graph", "passes", "calibrate", "search", "pipeline", "cli", "validate", "export", "data", "report"},
-    "graph": {"passes", "calibrate", "search", "pipeline", "cli", "validate", "export", "report"},
-    "passes": {"calibrate", "search", "pipeline", "cli", "validate", "export", "report"},
-    "calibrate": {"search", "pipeline", "cli", "report"},
+    "numerics": {"graph", "passes", "calibrate", "evaluate", "search", "pipeline", "cli", "validate", "export", "data",
+                 "report"},
+    "graph": {"passes", "calibrate", "evaluate", "search", "pipeline", "cli", "validate", "export", "report"},
+    "passes": {"calibrate", "evaluate", "search", "pipeline", "cli", "validate", "export", "report"},
+    "calibrate": {"evaluate", "search", "pipeline", "cli", "report"},
+    "evaluate": {"search", "pipeline", "cli", "validate", "export", "report"},
     "search": {"pipeline", "cli", "report"},
 }
-ORT_ALLOWED = {"calibrate", "validate"}
+ORT_ALLOWED = {"calibrate", "evaluate", "validate"}
 
 
 def _modules():
@@ -55,9 +62,20 @@ def test_dependency_direction(rel: Path, tree: ast.AST) -> None:
     layer = rel.parts[0].removesuffix(".py")
     for mod, sub in _imports(tree, rel):
         if mod.split(".")[0] == "onnxruntime":
-            assert layer in ORT_ALLOWED, f"{rel} imports onnxruntime; only calibrate/ and validate.py may"
+            assert layer in ORT_ALLOWED, f"{rel} imports onnxruntime; only calibrate/, evaluate/ and validate.py may"
         if layer in FORBIDDEN and sub:
             assert sub.removesuffix(".py") not in FORBIDDEN[layer], f"{rel} ({layer}) imports onnx_mptq.{sub}"
+
+
+def test_search_modules_do_not_import_onnxruntime_at_import_time() -> None:
+    """The searches reach ONNX Runtime only when they evaluate (lazily, through evaluate/)."""
+    mods = sorted(f"onnx_mptq.search.{p.stem}" for p in (PKG / "search").glob("*.py")) + ["onnx_mptq.evaluate.factory",
+                                                                                         "onnx_mptq.evaluate.fakequant"]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in mods) + \
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnxruntime'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PKG.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", f"importing {', '.join(mods)} imports {out.stdout.strip()}"
 
 
 def test_numerics_is_numpy_only() -> None:

@@ -23,6 +23,7 @@ def _table_lines(out: str, model: str) -> list[list[str]]:
             if line.startswith(f"| {model} ")]
 
 
+@pytest.mark.slow
 def test_bench_quant_smoke(capsys):
     import bench_quant
 
@@ -40,6 +41,7 @@ def test_bench_quant_smoke(capsys):
     assert "calibration 16 samples, evaluation 48 samples" in out
 
 
+@pytest.mark.slow
 def test_bench_ablation_smoke(capsys):
     import bench_ablation
 

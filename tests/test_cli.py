@@ -219,6 +219,7 @@ def test_weight_container_flag(files, capsys):
 # export
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_export_then_inspect_and_quantize(tmp_path, capsys):
     pytest.importorskip("torch")
@@ -237,6 +238,7 @@ def test_export_then_inspect_and_quantize(tmp_path, capsys):
 # demo
 
 
+@pytest.mark.slow
 def test_run_demo_single_setting():
     fast = QuantConfig(grid_size=10, optm=False)  # the plumbing, not the search, is under test here
     table = pipeline.run_demo(Config(runtime=CPU_RT, quant=fast), only=["W8A8"])

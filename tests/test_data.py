@@ -56,6 +56,45 @@ def test_npz_streams_batches_with_labels(tmp_path, save):
     np.testing.assert_array_equal(collect(src)[0], x)  # re-iterable, restarts
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_member_streams_one_block_at_a_time(tmp_path, save, monkeypatch):
+    """Stored and deflated members are read block by block from the zip stream (big-endian and
+    Fortran-ordered arrays too); no read asks for more than one block."""
+    import zipfile
+
+    x = samples(9)
+    p = tmp_path / "d.npz"
+    save(p, input=x.astype(">f4"))
+    asked: list[int] = []
+    real = zipfile.ZipExtFile.readinto
+
+    def readinto(self, b):
+        asked.append(len(memoryview(b).cast("B")))
+        return real(self, b)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "readinto", readinto)
+    got, _, sizes = collect(open_data(p, {"input": ((None, 1, 4, 4), np.float32)}, batch_size=4))
+    np.testing.assert_array_equal(got, x)
+    assert sizes == [4, 4, 1] and asked == [4 * 16 * 4, 4 * 16 * 4, 16 * 4]
+    q = tmp_path / "f.npz"
+    save(q, input=np.asfortranarray(x[:, 0, :, 0]))
+    fortran = open_data(q, {"input": ((None, 4), np.float32)}, batch_size=5)
+    np.testing.assert_array_equal(np.concatenate([b.inputs["input"] for b in fortran]), x[:, 0, :, 0])
+
+
+def test_npz_corrupt_member_names_the_array(tmp_path):
+    x = samples(200)
+    p = tmp_path / "d.npz"
+    np.savez(p, input=x)
+    raw = bytearray(p.read_bytes())
+    at = raw.find(x[190].tobytes()[:16])
+    raw[at] ^= 0xFF  # one byte of sample 190, inside the stored member: its CRC no longer matches
+    p.write_bytes(bytes(raw))
+    src = open_data(p, IMG, batch_size=50)  # the header reads fine; the damage shows at the end of the stream
+    with pytest.raises(DataError, match=r"d\.npz: array 'input' is truncated or corrupt \(BadZipFile: Bad CRC-32"):
+        collect(src)
+
+
 def test_npz_single_input_accepts_any_name_and_limit(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, images=samples(10))

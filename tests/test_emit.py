@@ -391,7 +391,8 @@ def test_mnist_latency_vs_quantize_static(tmp_path: Path) -> None:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind,opset", [("vit", 17), ("swin", 17), ("swin", 14)])
+@pytest.mark.parametrize("kind,opset", [("vit", 17), pytest.param("swin", 17, marks=pytest.mark.slow),
+                                         pytest.param("swin", 14, marks=pytest.mark.slow)])
 def test_tiny_timm_units_match_reference(tiny_onnx, tmp_path: Path, kind: str, opset: int) -> None:  # noqa: F811
     path = tiny_onnx(kind, opset)
     model = onnx.load(str(path))

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.config import Config, MixedConfig, QuantConfig
-from onnx_mptq.errors import ConfigError, PlanError
+from onnx_mptq.errors import ConfigError, PlanError, UnsupportedModelError
+from onnx_mptq.evaluate.evaluator import ParamEvaluator
+from onnx_mptq.evaluate.fakequant import (
+    LATTICE_PARAMS, SPLIT_PARAMS, SUM_PARAMS, UNIFORM_PARAMS, build_param_graph, split_stages)
 from onnx_mptq.graph.analysis import Role, analyze, prepare
+from onnx_mptq.graph.io import graph_digest
 from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
 from onnx_mptq.passes.emit_qdq import emit_qdq
-from onnx_mptq.passes.fakequant import build_param_graph, split_stages
 from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import QuantPlan, Scheme, TwinKind, average_bits
 from onnx_mptq.search.mixed import AllocationResult, UnitQuantizers, allocate_bits
@@ -45,7 +47,7 @@ def _mixed(target=None, size=None, **kw) -> Config:
 @pytest.fixture(scope="module")
 def allocations(tiny):
     return {t: allocate_bits(tiny.work, tiny.an, tiny.cap, tiny.data, _mixed(t), progress=False)
-            for t in (4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)}
+            for t in (4.0, 4.5, 5.0, 6.0, 8.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_integer_graph_refuses_a_twin_outside_the_lattice(tiny):
     y_qdq = make_session(qdq, rt).run({"input": x})[0]
     assert np.max(np.abs(y_param - y_qdq)) <= 1e-4 * float(np.abs(y_qdq).max())
     # the searches pick the graph their quantizers fit: integer unless --optm-any-m
-    from onnx_mptq.search.scales import integer_evaluation
+    from onnx_mptq.evaluate.factory import integer_evaluation
 
     assert integer_evaluation(Config()) and integer_evaluation(Config(quant=QuantConfig(optm=False, optm_lattice=False)))
     assert not integer_evaluation(Config(quant=QuantConfig(optm_lattice=False)))
@@ -164,6 +166,17 @@ def test_param_graph_leaves_the_model_alone_and_names_its_inputs(tiny):
             else "uniform"
         assert s.form == want
     assert {w.unit for w in pg.weights} == {u.name for u in tiny.an.units if u.weight is not None}
+    for s in pg.acts:  # exact names: the feeds are keyed by them
+        params = SPLIT_PARAMS + LATTICE_PARAMS if s.form == "split" else SUM_PARAMS + LATTICE_PARAMS \
+            if s.form == "sum" else UNIFORM_PARAMS
+        assert s.inputs == tuple(f"mptq_fq/{s.unit}/a{s.operand}/{p}" for p in params)
+    renamed = pg.model.__class__()
+    renamed.CopyFrom(tiny.work)
+    renamed.graph.node[0].output[0] = "mptq_fq/x"  # a model already holding names of the prefix is refused
+    for n in renamed.graph.node[1:]:
+        n.input[:] = ["mptq_fq/x" if t == tiny.work.graph.node[0].output[0] else t for t in n.input]
+    with pytest.raises(UnsupportedModelError, match="already has tensors or nodes named mptq_fq/"):
+        build_param_graph(renamed, dataclasses.replace(tiny.an, model_digest=graph_digest(renamed)))
 
 
 def test_staged_evaluation_equals_whole_graph(tiny):
@@ -217,10 +230,51 @@ def test_allocation_is_monotone_in_the_budget(allocations):
     targets = sorted(allocations)
     for lo, hi in zip(targets, targets[1:]):
         a, b = allocations[lo], allocations[hi]
-        assert a.avg_weight_bits <= b.avg_weight_bits + 1e-12 or a.avg_weight_bits <= lo
-        assert a.avg_activation_bits <= b.avg_activation_bits + 1e-12 or a.avg_activation_bits <= lo
+        # until the looser run meets one of its bounds both runs are in the same state, so they take
+        # the same steps: the looser run's history up to (and with) that step starts the tighter one's
+        met = next((i for i, h in enumerate(b.history) if min(h.avg_weight_bits, h.avg_activation_bits) <= hi),
+                   len(b.history) - 1)
+        steps = [(h.unit, h.kind, h.from_bits, h.to_bits) for h in b.history[:met + 1]]
+        assert [(h.unit, h.kind, h.from_bits, h.to_bits) for h in a.history[:met + 1]] == steps, (lo, hi)
         assert len(a.history) >= len(b.history)
         assert a.distance >= b.distance * 0.9 - 1e-9, (lo, hi)  # search-time metric on the subset
+
+
+def test_progress_totals_never_move_and_are_reached(tiny, monkeypatch):
+    """Issue 16.5: the bars count against quantities fixed when they start (the sensitivity
+    table's evaluations, then the share of the budget gap closed) and end full."""
+    import onnx_mptq.search.mixed as mixed
+
+    bars: list = []
+
+    class Bar:  # records what tqdm is told
+        def __init__(self, *args, total=None, **kwargs):
+            object.__setattr__(self, "totals", [])
+            self.total, self.n, self.steps = total, 0, []
+            bars.append(self)
+
+        def __setattr__(self, name, value):
+            if name == "total":
+                self.totals.append(value)
+            object.__setattr__(self, name, value)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            self.n += n
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(mixed, "tqdm", Bar)
+    res = allocate_bits(tiny.work, tiny.an, tiny.cap, tiny.data, _mixed(5.0), progress=True)
+    table, greedy = bars
+    assert table.totals == [len(res.sensitivity.entries) + 1] and table.n == table.total
+    assert greedy.totals == [mixed.GAP_TICKS] and greedy.n == greedy.total
+    assert all(n > 0 for n in greedy.steps) and len(greedy.steps) <= len(res.history)
+    assert res.evaluations > table.n + 1  # the greedy measured again, and no total moved
 
 
 def test_size_target(tiny, allocations):
@@ -375,7 +429,7 @@ def test_mixed_beats_uniform_on_real_models(name):
 
 
 def test_subset_is_sized_by_compute(tiny):
-    from onnx_mptq.search.mixed import SUBSET_MACS, SUBSET_RANGE, macs_per_sample, subset_size
+    from onnx_mptq.evaluate.factory import SUBSET_MACS, SUBSET_RANGE, macs_per_sample, subset_size
 
     # MACs: every Linear / Conv unit's captured input elements per sample times its output channels
     expected = sum(tiny.cap[u.name].elems_per_sample[0] * u.out_features for u in tiny.an.units if u.out_features)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.calibrate.sensitivity import ParamEvaluator
 from onnx_mptq.config import Config, OptmSelect, QuantConfig
 from onnx_mptq.errors import ConfigError, PlanError
+from onnx_mptq.evaluate.evaluator import ParamEvaluator
 from onnx_mptq.numerics.metrics import family_z, kl_softmax, paired_improvement
 from onnx_mptq.pipeline import emit_from_plan, quantize
 from onnx_mptq.plan import LayerPlan, QuantPlan, Scheme

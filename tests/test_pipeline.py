@@ -83,6 +83,7 @@ def test_no_calibration_data() -> None:
         onnx_mptq.quantize(tiny_vit(), None, _cfg())
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.skipif(not (MODELS / "digits_vit.onnx").exists(), reason="demo model missing")
 @pytest.mark.parametrize("bits,min_agree,min_top1", [(8, 99.0, 97.0), (4, 95.0, 95.0)])
@@ -95,6 +96,7 @@ def test_demo_model_fidelity(bits: int, min_agree: float, min_top1: float) -> No
     assert res.plan.avg_weight_bits == bits and res.plan.avg_activation_bits == bits
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MODELS / "digits_vit.onnx").exists(), reason="demo model missing")
 def test_sqb_and_optm_are_applied_by_default() -> None:
     res = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz", _cfg(w_bits=4, a_bits=4))

@@ -553,8 +553,9 @@ def test_cifar10_vit_post_norm_goes_explicit() -> None:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("opset", [17, 14])
-@pytest.mark.parametrize("kind", ["vit", "deit", "swin"])
+@pytest.mark.parametrize("kind,opset", [
+    pytest.param(k, o, marks=() if (k, o) in {("vit", 17), ("swin", 14)} else pytest.mark.slow)
+    for o in (17, 14) for k in ("vit", "deit", "swin")])
 def test_tiny_timm(kind: str, opset: int, tiny_onnx) -> None:
     model = load_model(tiny_onnx(kind, opset))
     img = 64 if kind == "swin" else 32

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnx_mptq.calibrate.session import make_session  # noqa: E402
 from onnx_mptq.config import Providers, RuntimeConfig  # noqa: E402
+from onnx_mptq.graph.edit import with_outputs  # noqa: E402
 
 INTEGER_KERNELS = frozenset({
     "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearConv", "DynamicQuantizeMatMul",
@@ -88,16 +89,6 @@ def format_kernels(info: dict, title: str) -> str:
 # --compare-ort
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    return m
-
-
 def minmax_plan(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], w_bits: int = 8, a_bits: int = 8):
     """A min/max W{w_bits}A{a_bits} plan (asymmetric activations, image at 8 bits). Returns (plan, analysis)."""
     import dataclasses
@@ -111,7 +102,7 @@ def minmax_plan(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], w_bi
 
     analysis = analyze(model)
     names = sorted({t for u in analysis.units for t in u.inputs} | set(analysis.inputs))
-    sess = make_session(_with_outputs(model, names), RuntimeConfig(providers=Providers.CPU))
+    sess = make_session(with_outputs(model, names), RuntimeConfig(providers=Providers.CPU))
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     for f in feeds:

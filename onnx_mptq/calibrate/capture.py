@@ -49,7 +49,6 @@ from tqdm import tqdm
 from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError
 from ..graph.analysis import ModelAnalysis, Role, Unit
-from .session import make_session
 from .stats import _with_outputs  # one helper adds extra graph outputs for calibration
 
 log = logging.getLogger(__name__)
@@ -323,6 +322,8 @@ def capture_unit_inputs(
 
     tensors = sorted({t for u in units for t in u.inputs})
     fetched = [t for t in tensors if t not in graph_inputs]
+    from .session import make_session  # onnxruntime is imported when a session is made
+
     session = make_session(_with_outputs(model, fetched), runtime, optimize=True)
 
     stats = {t: _StatsAcc(t, _rng(seed, "stats:" + t), tail, value_samples) for t in tensors}

@@ -29,9 +29,9 @@ from tqdm import tqdm
 from ..config import RuntimeConfig
 from ..data import Batch
 from ..errors import CalibrationError
+from ..graph.edit import produced_tensors, with_outputs
 from ..graph.io import graph_digest
 from ..records import Record
-from .session import make_session
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +106,12 @@ class _Acc:
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    produced = {o for n in m.graph.node for o in n.output if o}
-    produced |= {i.name for i in m.graph.input}
-    existing = {o.name for o in m.graph.output}
+    """A copy of ``model`` whose graph also outputs ``tensors``, each of which must exist."""
+    produced = produced_tensors(model)
     for t in tensors:
         if t not in produced:
             raise CalibrationError(f"tensor {t!r} is not produced by any node or graph input of the model")
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return m
+    return with_outputs(model, tensors)
 
 
 def collect_channel_stats(
@@ -139,6 +132,8 @@ def collect_channel_stats(
     names = sorted(dict.fromkeys(tensors))
     if not names:
         raise CalibrationError("no tensors requested for calibration statistics")
+    from .session import make_session  # onnxruntime is imported when a session is made
+
     digest = graph_digest(model)
     session = make_session(_with_outputs(model, names), runtime, optimize=True)
     accs = {n: _Acc() for n in names}

@@ -20,9 +20,9 @@ lowest candidates (with the pins) cannot meet it, :class:`ConfigError` says so b
 
 Sensitivity. How far the network's outputs move from FP32 on a calibration subset
 (``mixed.subset`` samples; by default as many as a fixed amount of compute per evaluation
-allows, :func:`subset_size`), measured with the whole network fake-quantized at the current
+allows, :func:`onnx_mptq.evaluate.factory.subset_size`), measured with the whole network fake-quantized at the current
 assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs; the
-integer graph of :func:`onnx_mptq.passes.fakequant.build_param_graph`, which runs the emitted
+integer graph of :func:`onnx_mptq.evaluate.fakequant.build_param_graph`, which runs the emitted
 model's integer kernels, unless ``quant.optm_lattice`` is off and twins outside the uint8
 lattice are possible). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
@@ -73,7 +73,7 @@ import onnx
 from tqdm import tqdm
 
 from ..calibrate.capture import CapturedInputs, CaptureKind, TensorStats
-from ..config import Config, ScaleMethod
+from ..config import Config, MixedConfig, ScaleMethod
 from ..errors import CalibrationError, ConfigError
 from ..graph.analysis import GELU_KINDS, Activation, ModelAnalysis, Role, Unit
 from ..numerics.quant import UniformParams, fake_quant, params_from_range
@@ -81,7 +81,8 @@ from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight
 from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..records import Record
-from .scales import _best_of, _range_params, _twin_record, _uniform_record, evaluation_graph, twin_max_m  # one place builds plan records
+from ..evaluate.factory import evaluation_graph, make_evaluator
+from .scales import _best_of, _range_params, _twin_record, _uniform_record, twin_max_m  # one place builds plan records
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,6 @@ SEARCH_TOKENS = 128  # captured rows per Linear used to choose the search-time a
 SEARCH_PAIRS = 2  # captured attention samples used likewise
 MAX_AGE = 16  # steps a measured score stays usable, at least (see allocate_bits)
 METRIC = "nmse"  # sensitivity metric of the default evaluator: "nmse" or "kl" (module docstring)
-SUBSET_MACS = 1.5e11  # multiply-accumulates of one evaluation of the default subset (35 DeiT-S images)
-SUBSET_RANGE = (32, 1024)  # the default subset's bounds (samples)
-EVAL_CHUNK_ELEMS = 1 << 21  # samples per evaluation run: the widest captured operand stays under this
 _MIN_TWIN_BITS = 3
 
 
@@ -154,26 +152,30 @@ class AllocationStep:
 
 @dataclasses.dataclass(frozen=True)
 class UnitBits:
+    """One unit's bits as allocated, and the counts its bits are weighed by in the averages."""
+
     unit: str
     role: str
     w_bits: int | None  # None: no weight
     a_bits: int
-    pinned: bool
-    params: int
-    act_elems: int
+    pinned: bool  # by mixed.keep
+    params: int  # weight elements (0: no weight)
+    act_elems: int  # operand elements per sample in the activation average (0: not counted)
 
 
 @dataclasses.dataclass(frozen=True)
 class AllocationResult(Record):
+    """What :func:`allocate_bits` chose, how close it came to FP32 and what it cost."""
+
     KIND = "bit_allocation"
     SCHEMA_VERSION = 1
 
     model_digest: str
-    target_bits: float | None
+    target_bits: float | None  # the budget asked (mixed.target_bits, mixed.target_size_mb)
     target_size_mb: float | None
-    candidates: tuple[int, ...]
+    candidates: tuple[int, ...]  # the ladder, highest first
     units: tuple[UnitBits, ...]
-    avg_weight_bits: float
+    avg_weight_bits: float  # achieved
     avg_activation_bits: float
     size_mb: float
     distance: float  # the metric of the final assignment on the subset
@@ -192,7 +194,7 @@ class AllocationResult(Record):
 
 class Evaluator(Protocol):
     """What the greedy needs: the distance of a full assignment's outputs from FP32 (see
-    calibrate.sensitivity.ParamEvaluator); ``set_base`` (optional) announces the assignment later
+    evaluate.evaluator.ParamEvaluator); ``set_base`` (optional) announces the assignment later
     ones are compared with."""
 
     samples: int
@@ -265,30 +267,6 @@ def _other_float_params(model: onnx.ModelProto, weight_elems: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # quantizers used while searching
-
-
-def macs_per_sample(analysis: ModelAnalysis, captured: CapturedInputs) -> float:
-    """Multiply-accumulates of the Linear and Conv units per sample: input elements times output
-    channels (exact for Linears and for a Conv whose stride equals its kernel, as patch
-    embeddings have; attention matmuls are left out, a small share in ViTs)."""
-    total = 0.0
-    for u in analysis.units:
-        if u.out_features and u.name in captured:
-            total += float(captured[u.name].elems_per_sample[0]) * float(u.out_features)
-    return total
-
-
-def subset_size(requested: int | None, analysis: ModelAnalysis, captured: CapturedInputs) -> int:
-    """Samples of a network-level evaluation subset: ``requested``, or (None) as many as
-    ``SUBSET_MACS`` of compute per evaluation allows, within ``SUBSET_RANGE``. More samples make
-    the measured differences less noisy: on mnist-vit at a 5-bit budget, 32 samples allocated bits
-    that tied uniform W5A5 on agreement, the whole 1,000-sample calibration set beat it on top-1,
-    agreement, SQNR and KL (BENCHMARKS.md section 5); DeiT-S (4.24 GMAC) gets 35, for search time."""
-    if requested is not None:
-        return int(requested)
-    macs = max(macs_per_sample(analysis, captured), 1.0)
-    lo, hi = SUBSET_RANGE
-    return int(min(hi, max(lo, SUBSET_MACS // macs)))
 
 
 def _rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -485,10 +463,43 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
 
     ``model`` is the (smoothed) float graph ``analysis`` and ``captured`` describe; ``data`` the
     calibration data (the sensitivity subset is drawn from it). ``evaluator`` replaces the default
-    :class:`onnx_mptq.calibrate.sensitivity.ParamEvaluator` (tests, other metrics). ``max_age``:
+    :class:`onnx_mptq.evaluate.evaluator.ParamEvaluator` (tests, other metrics). ``max_age``:
     greedy steps a measured score stays usable (default ``max(MAX_AGE, items // 2)``: on the real
-    models of ../shared/data a longer age gave the same accuracy with a third fewer evaluations)."""
+    models of ../shared/data a longer age gave the same accuracy with a third fewer evaluations).
+
+    The steps: check the request; the budget (:func:`_make_budget`); the starting assignment and
+    the items that may move (:func:`_start`, which also refuses an unreachable budget); the
+    sensitivity table (:func:`_sensitivity_table`); the greedy loop (:func:`_greedy`); the result
+    (:func:`_finalize`)."""
     t_start = time.perf_counter()
+    _check_request(config, analysis, captured, max_age)
+    mixed = config.mixed
+    ladder = _ladder(mixed.candidates)
+    graph = evaluation_graph(model, analysis, config)
+    weights = {s.unit: (s.weight, s.axis) for s in graph.weights}
+    budget = _make_budget(model, analysis, captured, weights, mixed)
+    start = _start(analysis, budget, ladder, config)
+    if max_age is None:
+        max_age = max(MAX_AGE, len(start.items) // 2)
+    if evaluator is None:
+        evaluator = make_evaluator(model, analysis, captured, data, config, samples=mixed.subset,
+                                   metric=metric or mixed.metric, graph=graph)
+    asg = _Assignment(analysis, budget, ladder, UnitQuantizers(analysis, captured, weights, config), start)
+    quiet = not progress or os.environ.get("ONNX_MPTQ_NO_PROGRESS", "") == "1"
+    bar = _Progress(sum(1 for u, kind in start.items if asg.next_bits(asg.bits(kind, u)) is not None), asg.gap(),
+                    disable=quiet)
+    base, entries, table = _sensitivity_table(asg, evaluator, start.items, bar)
+    history = _greedy(asg, evaluator, entries, base, max_age, bar)
+    final = evaluator.distance(asg.layers) if history else base
+    bar.close()
+    return _finalize(analysis, mixed, asg, evaluator, base, table, history, final, time.perf_counter() - t_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps of allocate_bits
+
+
+def _check_request(config: Config, analysis: ModelAnalysis, captured: CapturedInputs, max_age: int | None) -> None:
     mixed = config.mixed
     if mixed.target_bits is None and mixed.target_size_mb is None:
         raise ConfigError("mixed.target_bits (or mixed.target_size_mb) is required with mixed precision")
@@ -496,19 +507,17 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
         raise ConfigError(f"max_age must be >= 0, got {max_age}")
     if captured.model_digest != analysis.model_digest:
         raise CalibrationError("the captured inputs belong to another graph; capture again on this model")
-    ladder = _ladder(mixed.candidates)
-    top = ladder[0]
-    pins = parse_pins(mixed.keep)
 
-    from ..calibrate.sensitivity import ParamEvaluator
 
-    graph = evaluation_graph(model, analysis, config)
-    weights = {s.unit: (s.weight, s.axis) for s in graph.weights}
-    units = list(analysis.units)
+def _make_budget(model: onnx.ModelProto, analysis: ModelAnalysis, captured: CapturedInputs,
+                 weights: Mapping[str, tuple[np.ndarray, int]], mixed: MixedConfig) -> _Budget:
+    """The counts the averages weigh by: parameters and output channels of the units with a
+    weight, operand elements per sample of the units counted in the activation average (all but
+    the patch embedding, whose input stays at ``quant.input_bits``)."""
     params: dict[str, int] = {}
     channels: dict[str, int] = {}
     elems: dict[str, int] = {}
-    for u in units:
+    for u in analysis.units:
         if u.name in weights:
             w, axis = weights[u.name]
             params[u.name] = int(w.size)
@@ -518,11 +527,27 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
             e = int(sum(cap.elems_per_sample)) if cap.kind is CaptureKind.ATTENTION else int(cap.elems_per_sample[0])
             if e > 0:
                 elems[u.name] = e
-    budget = _Budget(mixed.target_bits, mixed.target_size_mb, params, elems, channels,
-                     _other_float_params(model, sum(params.values())))
+    return _Budget(mixed.target_bits, mixed.target_size_mb, params, elems, channels,
+                   _other_float_params(model, sum(params.values())))
 
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """The starting assignment: every unpinned item at the highest candidate, pinned units at
+    their pin, the patch embedding's input at ``quant.input_bits``; ``items`` may move."""
+
+    pinned: dict[str, int]
+    w_bits: dict[str, int]
+    a_bits: dict[str, int]
+    items: tuple[tuple[str, ItemKind], ...]
+
+
+def _start(analysis: ModelAnalysis, budget: _Budget, ladder: list[int], config: Config) -> _Start:
+    top, low = ladder[0], ladder[-1]
+    units = analysis.units
+    pins = parse_pins(config.mixed.keep)
     pinned = {u.name: b for u in units if (b := pinned_bits(u, pins)) is not None}
-    w_bits = {u: pinned.get(u, top) for u in params}
+    w_bits = {u: pinned.get(u, top) for u in budget.params}
     a_bits: dict[str, int] = {u.name: pinned.get(u.name, top) for u in units}
     for u in units:
         if u.role is Role.PATCH_EMBED:
@@ -531,92 +556,163 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     for u in units:
         if u.name in pinned:
             continue
-        if u.name in params:
+        if u.name in budget.params:
             items.append((u.name, ItemKind.WEIGHT))
-        if u.name in elems:
+        if u.name in budget.elems:
             items.append((u.name, ItemKind.ACTIVATION))
-    if max_age is None:
-        max_age = max(MAX_AGE, len(items) // 2)
-    low = ladder[-1]
-    _check_feasible(budget, {u: (w_bits[u] if u in pinned else low) for u in params},
+    _check_feasible(budget, {u: (w_bits[u] if u in pinned else low) for u in budget.params},
                     {u: (a_bits[u] if u in pinned else low) for u in a_bits}, config)
+    return _Start(pinned, w_bits, a_bits, tuple(items))
 
-    if evaluator is None:
-        widest = max((e for u in units for e in captured[u.name].elems_per_sample), default=1)
-        chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
-        evaluator = ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(mixed.subset, analysis, captured),
-                                   seed=config.seed,
-                                   batch_size=chunk, metric=metric or mixed.metric)
-    quant = UnitQuantizers(analysis, captured, weights, config)
-    role = {u.name: u.role.value for u in units}
 
-    def layer(u: Unit, wb: int | None, ab: int) -> LayerPlan:
-        wq = quant.weight(u.name, wb) if wb is not None else None
-        return LayerPlan(unit=u.name, role=u.role.value, inputs=quant.acts(u.name, ab), weight=wq,
-                         params=params.get(u.name, 0), act_elems=elems.get(u.name, 0))
+class _Assignment:
+    """The assignment being lowered: bits per unit and the plan layers they give (search-time
+    quantizers, :class:`UnitQuantizers`)."""
 
-    by_name = {u.name: u for u in units}
-    layers = {u.name: layer(u, w_bits.get(u.name), a_bits[u.name]) for u in units}
+    def __init__(self, analysis: ModelAnalysis, budget: _Budget, ladder: list[int], quant: UnitQuantizers,
+                 start: _Start) -> None:
+        self.budget = budget
+        self.ladder = ladder
+        self.quant = quant
+        self.units = {u.name: u for u in analysis.units}
+        self.pinned = start.pinned
+        self.w_bits = dict(start.w_bits)
+        self.a_bits = dict(start.a_bits)
+        self.layers = {u: self.layer(u, self.w_bits.get(u), self.a_bits[u]) for u in self.units}
 
-    def current(kind: ItemKind, u: str) -> int:
-        return w_bits[u] if kind is ItemKind.WEIGHT else a_bits[u]
+    def layer(self, u: str, wb: int | None, ab: int) -> LayerPlan:
+        unit = self.units[u]
+        wq = self.quant.weight(u, wb) if wb is not None else None
+        return LayerPlan(unit=u, role=unit.role.value, inputs=self.quant.acts(u, ab), weight=wq,
+                         params=self.budget.params.get(u, 0), act_elems=self.budget.elems.get(u, 0))
 
-    def next_bits(b: int) -> int | None:
-        lower = [c for c in ladder if c < b]
+    def bits(self, kind: ItemKind, u: str) -> int:
+        return self.w_bits[u] if kind is ItemKind.WEIGHT else self.a_bits[u]
+
+    def next_bits(self, b: int) -> int | None:
+        lower = [c for c in self.ladder if c < b]
         return lower[0] if lower else None
 
-    def saved(kind: ItemKind, u: str, b: int, nb: int) -> float:
-        if kind is ItemKind.WEIGHT:
-            return params[u] * (b - nb) / sum(params.values())
-        return elems[u] * (b - nb) / sum(elems.values())
-
-    def measure(kind: ItemKind, u: str, nb: int) -> float:
-        lp = layer(by_name[u], nb if kind is ItemKind.WEIGHT else w_bits.get(u),
-                   nb if kind is ItemKind.ACTIVATION else a_bits[u])
-        trial = dict(layers)
+    def trial(self, kind: ItemKind, u: str, nb: int) -> dict[str, LayerPlan]:
+        """The assignment with item ``(u, kind)`` at ``nb`` bits."""
+        lp = self.layer(u, nb if kind is ItemKind.WEIGHT else self.w_bits.get(u),
+                        nb if kind is ItemKind.ACTIVATION else self.a_bits[u])
+        trial = dict(self.layers)
         trial[u] = lp
-        return evaluator.distance(trial)
+        return trial
 
-    def done() -> bool:
-        return budget.w_met(w_bits) and budget.a_met(a_bits)
+    def lower(self, kind: ItemKind, u: str, nb: int) -> None:
+        if kind is ItemKind.WEIGHT:
+            self.w_bits[u] = nb
+        else:
+            self.a_bits[u] = nb
+        self.layers[u] = self.layer(u, self.w_bits.get(u), self.a_bits[u])
 
-    quiet = not progress or os.environ.get("ONNX_MPTQ_NO_PROGRESS", "") == "1"
-    est_steps = _estimate_steps(items, ladder, budget)
-    bar = tqdm(total=len(items) + 1 + int(1.5 * est_steps), desc="mixed precision", unit="eval", disable=quiet,
-               leave=False)
-    gap0 = _gap(budget, w_bits, a_bits)
+    def saved(self, kind: ItemKind, u: str, b: int, nb: int) -> float:
+        """The drop of the average (bits) that lowering ``(u, kind)`` from ``b`` to ``nb`` buys."""
+        if kind is ItemKind.WEIGHT:
+            return self.budget.params[u] * (b - nb) / sum(self.budget.params.values())
+        return self.budget.elems[u] * (b - nb) / sum(self.budget.elems.values())
 
-    def tick(n: int = 1) -> None:
-        bar.update(n)
+    def met(self, kind: ItemKind | None = None) -> bool:
+        """Whether the bound(s) of ``kind`` (None: every bound) are met."""
+        if kind is ItemKind.WEIGHT:
+            return self.budget.w_met(self.w_bits)
+        if kind is ItemKind.ACTIVATION:
+            return self.budget.a_met(self.a_bits)
+        return self.budget.w_met(self.w_bits) and self.budget.a_met(self.a_bits)
 
+    def gap(self) -> float:
+        return _gap(self.budget, self.w_bits, self.a_bits)
+
+
+GAP_TICKS = 1000  # resolution of the greedy progress bar (share of the starting budget gap closed)
+
+
+class _Progress:
+    """Progress of :func:`allocate_bits` against quantities fixed before each phase starts.
+
+    Phase 1, the sensitivity table: ``table`` evaluations (one per item that can move, plus the
+    starting assignment), counted as they run. Phase 2, the greedy: the share of the starting
+    budget gap closed, ``1 - gap / gap0`` (:func:`_gap`) in ``GAP_TICKS`` ticks; bits only go down,
+    so the gap never grows and the bar never moves back, and it is full when the budget is met.
+    The time left is the bar's own estimate from the time measured so far, and the postfix shows
+    the evaluations made and their measured mean time."""
+
+    def __init__(self, table: int, gap0: float, *, disable: bool) -> None:
+        self.gap0 = gap0
+        self.disable = disable
+        self.evals = 0
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=table + 1, desc="mixed precision: sensitivity", unit="eval", disable=disable, leave=False)
+        self.phase = 1
+        self.ticks = 0
+
+    def evaluated(self) -> None:
+        self.evals += 1
+        if self.phase == 1:
+            self.bar.update()
+
+    def greedy(self) -> None:
+        """Phase 2 starts."""
+        self.bar.close()
+        self.phase = 2
+        self.bar = tqdm(total=GAP_TICKS, desc="mixed precision: budget", disable=self.disable, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+        self.ticks = 0
+
+    def lowered(self, gap: float) -> None:
+        """An item was lowered; ``gap`` is the new gap."""
+        ticks = GAP_TICKS if self.gap0 <= 0 or gap <= 0 else int(GAP_TICKS * (1.0 - gap / self.gap0))
+        if ticks > self.ticks:
+            self.bar.update(ticks - self.ticks)
+            self.ticks = ticks
+        secs = (time.perf_counter() - self.t0) / max(self.evals, 1)
+        self.bar.set_postfix_str(f"{self.evals} evals, {secs:.2f} s/eval", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _sensitivity_table(asg: _Assignment, evaluator: Evaluator, items: tuple[tuple[str, ItemKind], ...],
+                       bar: _Progress) -> tuple[float, dict[tuple[str, ItemKind], _Entry], list[Sensitivity]]:
+    """The metric at the starting assignment (``base``) and every item's first drop measured on
+    it: the greedy's first entries and the sensitivity table."""
     set_base = getattr(evaluator, "set_base", None)
     if set_base is not None:
-        set_base(layers)
-    base = evaluator.distance(layers)
-    tick()
-    cur = base
+        set_base(asg.layers)
+    base = evaluator.distance(asg.layers)
+    bar.evaluated()
     entries: dict[tuple[str, ItemKind], _Entry] = {}
     table: list[Sensitivity] = []
     for u, kind in items:
-        b = current(kind, u)
-        nb = next_bits(b)
+        b = asg.bits(kind, u)
+        nb = asg.next_bits(b)
         if nb is None:
             continue
-        k = measure(kind, u, nb)
-        tick()
-        s = saved(kind, u, b, nb)
+        k = evaluator.distance(asg.trial(kind, u, nb))
+        bar.evaluated()
+        s = asg.saved(kind, u, b, nb)
         e = _Entry((k - base) / s, k - base, 0, nb, k)
         entries[(u, kind)] = e
-        table.append(Sensitivity(u, role[u], kind, b, nb, k - base, s, e.score))
+        table.append(Sensitivity(u, asg.units[u].role.value, kind, b, nb, k - base, s, e.score))
+    return base, entries, table
 
+
+def _greedy(asg: _Assignment, evaluator: Evaluator, entries: dict[tuple[str, ItemKind], _Entry], base: float,
+            max_age: int, bar: _Progress) -> list[AllocationStep]:
+    """Lower the cheapest item until the budget is met (lazy re-evaluation, module docstring)."""
+    set_base = getattr(evaluator, "set_base", None)
+    budget = asg.budget
     heap = [(e.score, i, key) for i, (key, e) in enumerate(entries.items())]
     heapq.heapify(heap)
     counter = len(heap)
     step = 0
+    cur = base
     exact_at = 0  # the step whose assignment cur was measured on
     history: list[AllocationStep] = []
-    while not done():
-        w_ok, a_ok = budget.w_met(w_bits), budget.a_met(a_bits)
+    bar.greedy()
+    while not asg.met():
         if not heap:  # cannot happen after the feasibility check; guards against an endless loop
             raise ConfigError("mixed precision: no item left to lower before the budget was met")
         score, _, key = heapq.heappop(heap)
@@ -624,17 +720,17 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
         e = entries.get(key)
         if e is None or e.score != score:
             continue  # a superseded heap record
-        if (kind is ItemKind.WEIGHT and w_ok) or (kind is ItemKind.ACTIVATION and a_ok):
+        if asg.met(kind):
             del entries[key]  # that bound is met: the item is not needed any more
             continue
-        b = current(kind, u)
+        b = asg.bits(kind, u)
         if e.measured < 0 or step - e.measured > max_age:
             if step - exact_at > max_age:
-                cur, exact_at = evaluator.distance(layers), step
-                tick()
-            k = measure(kind, u, e.to_bits)
-            tick()
-            s = saved(kind, u, b, e.to_bits)
+                cur, exact_at = evaluator.distance(asg.layers), step
+                bar.evaluated()
+            k = evaluator.distance(asg.trial(kind, u, e.to_bits))
+            bar.evaluated()
+            s = asg.saved(kind, u, b, e.to_bits)
             ne = _Entry((k - cur) / s, k - cur, step, e.to_bits, k)
             entries[key] = ne
             heapq.heappush(heap, (ne.score, counter, key))
@@ -642,13 +738,9 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
             continue
         # lower the item
         nb = e.to_bits
-        if kind is ItemKind.WEIGHT:
-            w_bits[u] = nb
-        else:
-            a_bits[u] = nb
-        layers[u] = layer(by_name[u], w_bits.get(u), a_bits[u])
+        asg.lower(kind, u, nb)
         if set_base is not None:
-            set_base(layers)
+            set_base(asg.layers)
         age = step - e.measured
         step += 1
         exact = age == 0 and exact_at == step - 1
@@ -656,36 +748,35 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
             cur, exact_at = e.trial, step  # measured on exactly this assignment
         else:
             cur = max(cur + e.delta, 0.0)
-        history.append(AllocationStep(step, u, kind, b, nb, e.delta, age, cur, exact, budget.avg_w(w_bits),
-                                      budget.avg_a(a_bits)))
+        history.append(AllocationStep(step, u, kind, b, nb, e.delta, age, cur, exact, budget.avg_w(asg.w_bits),
+                                      budget.avg_a(asg.a_bits)))
         log.debug("step %d: %s %s %d -> %d (dKL %.3g, age %d)", step, u, kind.value, b, nb, e.delta, age)
-        done_frac = 1.0 - _gap(budget, w_bits, a_bits) / gap0 if gap0 > 0 else 1.0
-        if done_frac > 0.05:  # re-estimate the evaluations still to come from the pace so far
-            per_step = (bar.n - len(items) - 1) / step
-            bar.total = max(bar.n + 1, int(bar.n + per_step * step * (1.0 - done_frac) / done_frac) + 1)
+        bar.lowered(asg.gap())
         del entries[key]
-        nnb = next_bits(nb)
+        nnb = asg.next_bits(nb)
         if nnb is not None:
             # first guess for the next rung, from this one (noise power ~ 4^-bits); measured when it comes up
             est = max(e.delta, 0.0) * (4.0 ** -nnb - 4.0 ** -nb) / (4.0 ** -nb - 4.0 ** -b)
-            ne = _Entry(est / saved(kind, u, nb, nnb), est, -1, nnb, math.nan)
+            ne = _Entry(est / asg.saved(kind, u, nb, nnb), est, -1, nnb, math.nan)
             entries[key] = ne
             heapq.heappush(heap, (ne.score, counter, key))
             counter += 1
-    final = evaluator.distance(layers) if history else base
-    tick()
-    bar.close()
+    bar.lowered(asg.gap())
+    return history
 
+
+def _finalize(analysis: ModelAnalysis, mixed: MixedConfig, asg: _Assignment, evaluator: Evaluator, base: float,
+              table: list[Sensitivity], history: list[AllocationStep], final: float, seconds: float) -> AllocationResult:
+    budget, w_bits, a_bits = asg.budget, asg.w_bits, asg.a_bits
     sens = SensitivityTable(model_digest=analysis.model_digest, metric=str(evaluator.metric), samples=int(evaluator.samples),
                             base=float(base), entries=tuple(table))
-    ub = tuple(UnitBits(u.name, u.role.value, w_bits.get(u.name), a_bits[u.name], u.name in pinned,
-                        params.get(u.name, 0), elems.get(u.name, 0)) for u in units)
+    ub = tuple(UnitBits(u.name, u.role.value, w_bits.get(u.name), a_bits[u.name], u.name in asg.pinned,
+                        budget.params.get(u.name, 0), budget.elems.get(u.name, 0)) for u in analysis.units)
     res = AllocationResult(
         model_digest=analysis.model_digest, target_bits=mixed.target_bits, target_size_mb=mixed.target_size_mb,
-        candidates=tuple(ladder), units=ub, avg_weight_bits=budget.avg_w(w_bits), avg_activation_bits=budget.avg_a(a_bits),
+        candidates=tuple(asg.ladder), units=ub, avg_weight_bits=budget.avg_w(w_bits), avg_activation_bits=budget.avg_a(a_bits),
         size_mb=budget.size_mb(w_bits), distance=float(final), sensitivity=sens, history=tuple(history),
-        evaluations=int(evaluator.evaluations), seconds=time.perf_counter() - t_start,
-        eval_seconds=float(evaluator.seconds))
+        evaluations=int(evaluator.evaluations), seconds=seconds, eval_seconds=float(evaluator.seconds))
     log.info("mixed precision: %d steps, %d evaluations (%.1f s of %.1f s), avg bits W %.3f A %.3f, size %.3f MB, %s %.4g",
              len(history), res.evaluations, res.eval_seconds, res.seconds, res.avg_weight_bits, res.avg_activation_bits,
              res.size_mb, res.sensitivity.metric, res.distance)
@@ -700,11 +791,3 @@ def _gap(budget: _Budget, w_bits: Mapping[str, int], a_bits: Mapping[str, int]) 
     if budget.target_size_mb is not None:
         gaps.append((budget.size_mb(w_bits) - budget.target_size_mb) / max(budget.target_size_mb, 1e-9))
     return max(gaps)
-
-
-def _estimate_steps(items, ladder, budget: _Budget) -> int:
-    """A first guess of the number of greedy steps (for the progress bar, refined as it runs)."""
-    if budget.target_bits is None:
-        return max(len(items) // 2, 1)
-    rungs = [b for b in ladder if b >= budget.target_bits]
-    return len(items) * max(len(rungs) - 1, 1)

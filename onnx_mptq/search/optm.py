@@ -8,7 +8,7 @@ twin quantizers and lost 0.13 points of top-1 agreement to all-uniform (BENCHMAR
 and each twin quantizer costs a second integer matmul at run time.
 
 :func:`select_twins` decides per operand on the whole network instead. On a seeded calibration
-subset (``quant.optm_subset`` samples, by default sized by compute like mixed precision's; :class:`onnx_mptq.calibrate.sensitivity.ParamEvaluator`,
+subset (``quant.optm_subset`` samples, by default sized by compute like mixed precision's; :class:`onnx_mptq.evaluate.evaluator.ParamEvaluator`,
 one ORT session whose quantization parameters are inputs, nothing rebuilt) it measures the
 quantized logits ``z_q`` against the FP32 ones ``z`` by two distances::
 
@@ -49,15 +49,12 @@ from ..errors import CalibrationError, PlanError
 from ..graph.analysis import ModelAnalysis
 from ..numerics.metrics import family_z, kl_per_sample, paired_improvement
 from ..plan import LayerPlan, QuantPlan, average_bits
-from .scales import TwinOption, evaluation_graph
+from .scales import TwinOption
 
 if TYPE_CHECKING:
     from ..calibrate.capture import CapturedInputs
 
 log = logging.getLogger(__name__)
-
-EVAL_CHUNK_ELEMS = 1 << 21  # samples per evaluation run: the widest captured operand stays under this
-
 
 class LogitSource(Protocol):
     """What :func:`select_twins` needs of an evaluator (``ParamEvaluator`` has it)."""
@@ -160,18 +157,12 @@ def significant_gain(before: Measure, after: Measure, uniform: Measure, z: float
 
 def make_evaluator(model: onnx.ModelProto, analysis: ModelAnalysis, captured: "CapturedInputs", data: Any,
                    config: Config) -> Any:
-    """The default evaluator: a :class:`~onnx_mptq.calibrate.sensitivity.ParamEvaluator` on
-    ``config.quant.optm_subset`` calibration samples (None: sized by compute, as mixed precision's
-    subset, :func:`onnx_mptq.search.mixed.subset_size`)."""
-    from ..calibrate.sensitivity import ParamEvaluator
-    from .mixed import subset_size
+    """OPT-m's evaluator: :func:`onnx_mptq.evaluate.factory.make_evaluator` on
+    ``config.quant.optm_subset`` calibration samples (None: sized by compute,
+    :func:`onnx_mptq.evaluate.factory.subset_size`), measuring logit nmse (and KL from the logits)."""
+    from ..evaluate.factory import make_evaluator as _make
 
-    graph = evaluation_graph(model, analysis, config)
-    widest = max((e for u in analysis.units for e in captured[u.name].elems_per_sample), default=1)
-    chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
-    return ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(config.quant.optm_subset, analysis, captured),
-                          seed=config.seed,
-                          batch_size=chunk, metric="nmse")
+    return _make(model, analysis, captured, data, config, samples=config.quant.optm_subset, metric="nmse")
 
 
 def select_twins(plan: QuantPlan, options: Mapping[str, TwinOption], evaluator: LogitSource, *,

@@ -264,24 +264,6 @@ def twin_max_m(cfg: Config, kind: str, bits: int) -> int:
     return m
 
 
-def evaluation_graph(model: onnx.ModelProto, analysis: ModelAnalysis, cfg: Config):
-    """The parametric graph the network-level searches evaluate candidates in (mixed precision,
-    OPT-m selection): integer where :func:`integer_evaluation` allows, with uint8 weight codes on
-    CPUs whose ``uint8 x int8`` kernel saturates."""
-    from ..calibrate.session import cpu_u8s8_exact
-    from ..passes.fakequant import build_param_graph
-
-    return build_param_graph(model, analysis, integer=integer_evaluation(cfg),
-                             weight_dtype="int8" if cpu_u8s8_exact() else "uint8")
-
-
-def integer_evaluation(cfg: Config) -> bool:
-    """Whether every quantizer this configuration can plan fits the integer evaluation graph
-    (:func:`onnx_mptq.passes.fakequant.build_param_graph`): all but twin quantizers outside the
-    uint8 lattice, which only ``quant.optm_lattice = False`` searches."""
-    return not cfg.quant.optm or cfg.quant.optm_lattice
-
-
 def _rel(err: float, ref: float) -> float:
     return float(err / ref) if ref > 0 else float(err)
 

@@ -71,7 +71,7 @@ from ..graph.io import assign_node_names, graph_digest
 from ..numerics.quant import UniformParams, fake_quant, qrange, quantize
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
-from .emit_qdq import WeightContainer, weight_codes
+from ..passes.emit_qdq import WeightContainer, weight_codes
 
 log = logging.getLogger(__name__)
 
@@ -289,29 +289,23 @@ def _weight_axis(node: gs.Node) -> int:
 
 
 class _Builder:
+    """Adds the fake quantizers' nodes through onnx-graphsurgeon's ``Graph.layer`` (which names
+    the new tensors uniquely). The parameter inputs get exact names under ``PREFIX``, which
+    :func:`build_param_graph` has checked the model does not use."""
+
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
-        self.new_nodes: list[gs.Node] = []
-
-    def name(self, base: str) -> str:
-        cand, k = base, 1
-        while cand in self.used:
-            cand = f"{base}_{k}"
-            k += 1
-        self.used.add(cand)
-        return cand
 
     def scalar_input(self, name: str) -> gs.Variable:
         param = name.rsplit("/", 1)[-1]
-        dtype = np.float32 if param in _FLOAT_PARAMS else np.uint8
-        v = gs.Variable(self.name(name), dtype=dtype, shape=())
+        v = gs.Variable(name, dtype=np.float32 if param in _FLOAT_PARAMS else np.uint8, shape=())
         self.graph.inputs.append(v)
         return v
 
-    def op(self, op: str, base: str, inputs: list, dtype=np.float32) -> gs.Variable:
-        out = gs.Variable(self.name(f"{base}/{op.lower()}_out"), dtype=dtype)
-        self.new_nodes.append(gs.Node(op=op, name=self.name(f"{base}/{op}"), inputs=inputs, outputs=[out]))
+    def op(self, op: str, base: str, inputs: list, dtype=np.float32, **attrs) -> gs.Variable:
+        (out,) = self.graph.layer(op=op, name=f"{base}/{op}", inputs=inputs, outputs=[f"{base}/{op.lower()}_out"],
+                                  attrs=attrs)
+        out.dtype = dtype  # typed: the stage cut looks for float tensors
         return out
 
     def fq(self, x: gs.Tensor, s: gs.Tensor, zp: gs.Tensor, lo: gs.Tensor, hi: gs.Tensor, base: str) -> gs.Variable:
@@ -344,6 +338,10 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         raise PlanError(f"the analysis was made for another graph (analysis {analysis.model_digest}, model {digest})")
     wanted = None if units is None else set(units)
     graph = gs.import_onnx(m)
+    taken = sorted(t for t in [*graph.tensors(), *(n.name for n in graph.nodes)] if t.startswith(f"{PREFIX}/"))
+    if taken:
+        raise UnsupportedModelError(f"the model already has tensors or nodes named {PREFIX}/... ({taken[0]!r}); "
+                                    f"it looks like a parametric evaluation graph itself")
     data_inputs = tuple(t.name for t in graph.inputs)
     view = GraphView(graph)
     nodes = {n.name: n for n in graph.nodes}
@@ -391,21 +389,17 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
         axis = _weight_axis(node)
         if integer:
-            wq = gs.Variable(b.name(f"{base}/wq"), dtype=wdt, shape=list(w.shape))
-            ws = gs.Variable(b.name(f"{base}/ws"), dtype=np.float32, shape=[int(w.shape[axis])])
+            wq = gs.Variable(f"{base}/wq", dtype=wdt, shape=list(w.shape))
+            ws = gs.Variable(f"{base}/ws", dtype=np.float32, shape=[int(w.shape[axis])])
             graph.inputs.extend([wq, ws])
-            zp = gs.Constant(b.name(f"{base}/wzp"), np.full(int(w.shape[axis]), 0 if wdt is np.int8 else 128, wdt))
-            wd = gs.Variable(b.name(f"{base}/w_dq"), dtype=np.float32)
-            b.new_nodes.append(gs.Node(op="DequantizeLinear", name=b.name(f"{base}/w/DequantizeLinear"),
-                                       attrs={"axis": axis}, inputs=[wq, ws, zp], outputs=[wd]))
-            node.inputs[1] = wd
+            zp = gs.Constant(f"{base}/wzp", np.full(int(w.shape[axis]), 0 if wdt is np.int8 else 128, wdt))
+            node.inputs[1] = b.op("DequantizeLinear", f"{base}/w", [wq, ws, zp], axis=axis)
             weights.append(WeightSlot(unit.name, wq.name, axis, w, ws.name))
             continue
-        wv = gs.Variable(b.name(f"{base}/w"), dtype=np.float32, shape=list(w.shape))
+        wv = gs.Variable(f"{base}/w", dtype=np.float32, shape=list(w.shape))
         graph.inputs.append(wv)
         node.inputs[1] = wv
         weights.append(WeightSlot(unit.name, wv.name, axis, w))
-    graph.nodes.extend(b.new_nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     out = onnx.ModelProto()
@@ -488,7 +482,6 @@ def split_stages(pg: ParamGraph, max_stages: int = 8) -> tuple[Stage, ...]:
         return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
     static = _static_tensors(g)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    vinfo = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
     prod: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -538,42 +531,24 @@ def split_stages(pg: ParamGraph, max_stages: int = 8) -> tuple[Stage, ...]:
     if not cuts:
         return (Stage(m, tuple(pg.data_inputs), tuple(sorted(params)), tuple(o.name for o in g.output)),)
 
-    def value_info(name: str) -> onnx.ValueInfoProto:
-        if name in vinfo:
-            v = onnx.ValueInfoProto()
-            v.CopyFrom(vinfo[name])
-            return v
-        return onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
-
-    inits = {i.name: i for i in g.initializer}
-    stages: list[Stage] = []
     edges = [-1, *cuts, len(nodes) - 1]
+    spans = []
     for k in range(len(edges) - 1):
-        lo, hi = edges[k] + 1, edges[k + 1]
-        part = nodes[lo:hi + 1]
+        part = nodes[edges[k] + 1:edges[k + 1] + 1]
         read = [t for n in part for t in n.input if t]
         cut_in = valid[edges[k]] if k > 0 else ()
         ins = tuple(dict.fromkeys([*cut_in, *(t for t in read if t in data)]))
         used_params = tuple(dict.fromkeys(t for t in read if t in params))
-        outs = valid[hi] if k < len(edges) - 2 else tuple(o.name for o in g.output)
-        produced = {o for n in part for o in n.output}
-        # static tensors produced by earlier stages are recomputed here: pull in their nodes
-        needed_static = {t for t in read if t in static and t not in inits and t not in produced}
-        extra_idx: list[int] = []
-        for j in range(lo - 1, -1, -1):
-            if needed_static and any(o in needed_static for o in nodes[j].output):
-                extra_idx.append(j)
-                needed_static.update(t for t in nodes[j].input if t and t in static and t not in inits)
-        extra = [nodes[j] for j in sorted(extra_idx)]
-        all_nodes = extra + part
-        init_names = dict.fromkeys(t for n in all_nodes for t in n.input if t in inits)
-        graph = onnx.helper.make_graph(
-            all_nodes, f"{g.name}_stage{k}",
-            [value_info(t) for t in (*ins, *used_params)],
-            [value_info(t) for t in outs],
-            [inits[t] for t in init_names],
-        )
-        sm = onnx.helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
-        stages.append(Stage(sm, ins, used_params, outs))
+        outs = valid[edges[k + 1]] if k < len(edges) - 2 else tuple(o.name for o in g.output)
+        spans.append((ins, used_params, outs))
+    # each stage is what its outputs need back to its inputs; the initializer-only computations
+    # it reads (Constants, shape arithmetic) come along, recomputed in every stage that reads them
+    ex = onnx.utils.Extractor(m)
+    for ins, used_params, outs in spans:
+        for t in (*ins, *used_params, *outs):
+            if t not in ex.value_infos:  # cut tensors the export gave no type: their type from the sweep above
+                ex.value_infos[t] = onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None)
+    stages = [Stage(ex.extract_model([*ins, *used_params], list(outs)), ins, used_params, outs)
+              for ins, used_params, outs in spans]
     log.debug("parametric graph in %d stages", len(stages))
     return tuple(stages)

@@ -1,7 +1,7 @@
 """Fast evaluation of bit assignments, and per-layer SQNR between two models (ORT side).
 
 :class:`ParamEvaluator` holds ONE ONNX Runtime session of a parametric fake-quant graph
-(:func:`onnx_mptq.passes.fakequant.build_param_graph`; or one session per stage of it, see the
+(:func:`onnx_mptq.evaluate.fakequant.build_param_graph`; or one session per stage of it, see the
 class), a fixed calibration subset and the FP32 logits on it. ``distance(layers)`` feeds the
 quantization parameters of a full assignment (one :class:`~onnx_mptq.plan.LayerPlan` per unit)
 and returns how far the quantized logits ``z_q`` are from the FP32 ones ``z``::
@@ -27,20 +27,18 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..calibrate.session import make_session
 from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError, PlanError
+from ..graph.edit import produced_tensors, with_outputs
 from ..numerics.metrics import kl_softmax
 from ..plan import LayerPlan, WeightQuant
-from .session import make_session
-
-if TYPE_CHECKING:  # the graph record comes from passes.fakequant; only its duck type is used here
-    from ..passes.fakequant import ParamGraph
+from .fakequant import ParamGraph, Stage, split_stages
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +46,14 @@ METRICS = ("kl", "nmse")
 _MAX_WEIGHT_CACHE = 4096  # fake-quantized weight arrays kept (per unit and quantizer)
 
 
-def _batch_inputs(batch) -> dict[str, np.ndarray]:
+def _batch_inputs(batch, names: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays of a Batch (or a dict of arrays), which must hold every input in ``names``."""
     inputs = getattr(batch, "inputs", batch)
     if not isinstance(inputs, Mapping):
         raise DataError(f"data must yield Batch objects or dicts of arrays, got {type(batch).__name__}")
+    missing = [k for k in names if k not in inputs]
+    if missing:
+        raise DataError(f"{what} lacks model input(s) {', '.join(missing)}")
     return {k: np.asarray(v) for k, v in inputs.items()}
 
 
@@ -64,10 +66,7 @@ def sample_subset(data: Iterable, names: Sequence[str], samples: int, seed: int 
     kept: list[tuple[int, dict[str, np.ndarray]]] = []
     seen = 0
     for batch in data:
-        feeds = _batch_inputs(batch)
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise DataError(f"calibration batch lacks model input(s) {', '.join(missing)}")
+        feeds = _batch_inputs(batch, names, "calibration batch")
         n = int(feeds[names[0]].shape[0])
         for i in range(n):
             sample = {k: feeds[k][i:i + 1] for k in names}
@@ -89,10 +88,7 @@ def first_samples(data: Iterable, names: Sequence[str], samples: int) -> dict[st
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     n = 0
     for batch in data:
-        feeds = _batch_inputs(batch)
-        missing = [k for k in names if k not in feeds]
-        if missing:
-            raise DataError(f"data batch lacks model input(s) {', '.join(missing)}")
+        feeds = _batch_inputs(batch, names, "data batch")
         take = min(samples - n, int(feeds[names[0]].shape[0]))
         for k in names:
             parts[k].append(feeds[k][:take])
@@ -123,16 +119,14 @@ class ParamEvaluator:
     """KL of a quantized assignment against FP32 on a calibration subset (module docstring).
 
     Staged evaluation (``staged=True``): the parametric graph is cut into stages
-    (:func:`onnx_mptq.passes.fakequant.split_stages`, one session each, built once). The tensors
+    (:func:`onnx_mptq.evaluate.fakequant.split_stages`, one session each, built once). The tensors
     at the cuts are cached for a *base* assignment (:meth:`set_base`); an evaluation that differs
     from the base only in later units starts from the first stage those units touch. Results are
     identical to a run of the whole graph."""
 
-    def __init__(self, graph: "ParamGraph", reference: onnx.ModelProto, data: Iterable, runtime: RuntimeConfig, *,
+    def __init__(self, graph: ParamGraph, reference: onnx.ModelProto, data: Iterable, runtime: RuntimeConfig, *,
                  samples: int = 32, seed: int = 0, batch_size: int | None = None, staged: bool = True,
                  metric: str = "kl") -> None:
-        from ..passes.fakequant import Stage, split_stages
-
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         self.metric = metric
@@ -321,30 +315,19 @@ class ParamEvaluator:
 # per-layer SQNR
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return m
-
-
 def unit_output_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str],
                      inputs: Mapping[str, np.ndarray], runtime: RuntimeConfig,
                      batch_size: int | None = None) -> dict[str, float]:
     """SQNR (dB) of each tensor of ``quantized`` against the same-named tensor of ``reference``
     on ``inputs`` ({input: (n, ...)}); tensors missing from either model are left out."""
     def produced(m: onnx.ModelProto) -> set[str]:
-        return {o for n in m.graph.node for o in n.output if o} | {o.name for o in m.graph.output}
+        return produced_tensors(m, inputs=False) | {o.name for o in m.graph.output}
 
     names = [t for t in dict.fromkeys(tensors) if t in produced(reference) and t in produced(quantized)]
     if not names:
         return {}
-    rs = make_session(_with_outputs(reference, names), runtime)
-    qs = make_session(_with_outputs(quantized, names), runtime)
+    rs = make_session(with_outputs(reference, names), runtime)
+    qs = make_session(with_outputs(quantized, names), runtime)
     n = int(next(iter(inputs.values())).shape[0])
     bs = batch_size or runtime.batch_size
     sig = dict.fromkeys(names, 0.0)
