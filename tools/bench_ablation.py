@@ -20,14 +20,14 @@ post-Softmax (P of ``P @ V``) operands, everything else default (SQ-b mean, mse 
   P quantizer replaced; V's step searched again with the twin P, keeping whichever of the old and
   new step gives the lower ``|| P V - Q(P) Q(V) ||^2``) and re-emits it with
   ``onnx_mptq.pipeline.emit_from_plan``;
-* ``OPT-m per layer``: ``quant.optm_select = "layer"``: m searched jointly with the step per
+* ``OPT-m per layer``: ``quant.optm.select = "layer"``: m searched jointly with the step per
   layer; the twin quantizer is kept where it lowers that layer's output error;
-* ``OPT-m``: the default (``quant.optm_select = "network"``): the same searched quantizers, each
+* ``OPT-m``: the default (``quant.optm.select = "network"``): the same searched quantizers, each
   operand's twin kept only where it lowers the network's logit error and KL on a calibration
   subset beyond the subset's noise (two standard errors per comparison, corrected for the number
   of comparisons; ``onnx_mptq.search.optm``);
-* ``OPT-m, any m``: as ``OPT-m`` with ``quant.optm_lattice = False``: m searched up to
-  ``quant.optm_max_m`` even where the twin's values do not fit one uint8 lattice (those operands
+* ``OPT-m, any m``: as ``OPT-m`` with ``quant.optm.lattice = False``: m searched up to
+  ``quant.optm.max_m`` even where the twin's values do not fit one uint8 lattice (those operands
   are emitted as two integer matmuls).
 
 The hand-set and per-layer plans are also emitted in the split form (``EmitOptions(twin_form=
@@ -42,7 +42,7 @@ machine), exported at 224x224 with its 1000 classes, calibrated on the first 64 
 ImageNet photos in ``../shared/data/imagenet-sample-calib-250`` (timm's preprocessing) and
 evaluated on the other 186: fidelity to FP32 only, no accuracy.
 
-Both parts apply OPT-m at every bit width they run, 8 included (``quant.optm_max_bits = 8``;
+Both parts apply OPT-m at every bit width they run, 8 included (``quant.optm.max_bits = 8``;
 the package default, 7, leaves 8-bit operands uniform for int8 speed).
 
 Every model is evaluated on the evaluation split against the FP32 model (top-1 where labels
@@ -214,7 +214,7 @@ def staged_capture(bm: BenchModel, cfg) -> Staged:
     sres = smooth(source, data, cfg, analysis=analysis0, prepared=prepared)
     work = prepare(sres.model)
     analysis = analyze(work, prepared=True)
-    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer,
+    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.capture.tokens_per_layer,
                                    seed=cfg.seed, progress=False)
     return Staged(source, work, analysis, captured, sres.plan, graph_digest(source), data)
 
@@ -233,7 +233,7 @@ def network_plan(st: Staged, cfg, plan, options: dict):
     if not options:
         return plan
     ev = make_evaluator(st.work, st.analysis, st.captured, st.data, cfg)
-    return select_twins(plan, options, ev, z=cfg.quant.optm_z, progress=False).plan
+    return select_twins(plan, options, ev, z=cfg.quant.optm.z, progress=False).plan
 
 
 def _twin_act(tensor: str, tp) -> Any:
@@ -294,8 +294,8 @@ def handset_plan(uniform_plan, st: Staged, cfg):
             a_fq = twin_fake_quant(a, tp)
             obj = OperandObjective(a, b, 1, other_fq=a_fq)
             old_b = lp.inputs[1]
-            pb = search_matmul_operand_scale(a, b, 1, old_b.bits, q.act_symmetric, other_fq=a_fq, grid_size=q.grid_size,
-                                             low=q.grid_low, high=q.grid_high, method="mse", pct=q.percentile)
+            pb = search_matmul_operand_scale(a, b, 1, old_b.bits, q.act_symmetric, other_fq=a_fq, grid_size=q.search.grid_size,
+                                             low=q.search.grid_low, high=q.search.grid_high, method="mse", pct=q.search.percentile)
             new_b = _uniform_act(unit.inputs[1], pb)
             qb = new_b if obj(act_fake_quant(new_b)) < obj(act_fake_quant(old_b)) else old_b
             layers.append(dataclasses.replace(lp, inputs=(_twin_act(unit.inputs[0], tp), qb)))

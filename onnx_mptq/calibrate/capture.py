@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -49,7 +48,6 @@ from tqdm import tqdm
 from ..config import RuntimeConfig
 from ..errors import CalibrationError, DataError
 from ..graph.analysis import ModelAnalysis, Role, Unit
-from .session import make_session
 from .stats import _with_outputs  # one helper adds extra graph outputs for calibration
 
 log = logging.getLogger(__name__)
@@ -323,6 +321,8 @@ def capture_unit_inputs(
 
     tensors = sorted({t for u in units for t in u.inputs})
     fetched = [t for t in tensors if t not in graph_inputs]
+    from .session import make_session  # ORT loads when a capture runs, not when search/ is imported
+
     session = make_session(_with_outputs(model, fetched), runtime, optimize=True)
 
     stats = {t: _StatsAcc(t, _rng(seed, "stats:" + t), tail, value_samples) for t in tensors}
@@ -359,7 +359,7 @@ def capture_unit_inputs(
     chunk: int | None = None
     samples = batches = 0
     total = _batch_count(data)
-    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
+    quiet = not progress
     for batch in tqdm(data, total=total, desc="capture unit inputs", unit="batch", disable=quiet, leave=False):
         feeds = _batch_inputs(batch)
         missing = [n for n in session.input_names if n not in feeds]

@@ -23,7 +23,7 @@ Sensitivity. How far the network's outputs move from FP32 on a calibration subse
 allows, :func:`subset_size`), measured with the whole network fake-quantized at the current
 assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs; the
 integer graph of :func:`onnx_mptq.passes.fakequant.build_param_graph`, which runs the emitted
-model's integer kernels, unless ``quant.optm_lattice`` is off and twins outside the uint8
+model's integer kernels, unless ``quant.optm.lattice`` is off and twins outside the uint8
 lattice are possible). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
 ``nmse = sum (z - z_q)^2 / sum z^2`` (= 10^(-SQNR/10)); the method's KL of the softmaxes,
@@ -59,11 +59,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import heapq
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -73,7 +71,7 @@ import onnx
 from tqdm import tqdm
 
 from ..calibrate.capture import CapturedInputs, CaptureKind, TensorStats
-from ..config import Config, ScaleMethod
+from ..config import Config, Pin, ScaleMethod
 from ..errors import CalibrationError, ConfigError
 from ..graph.analysis import GELU_KINDS, Activation, ModelAnalysis, Role, Unit
 from ..numerics.quant import UniformParams, fake_quant, params_from_range
@@ -240,18 +238,10 @@ class _Budget:
         return self.target_bits is None or self.avg_a(a) <= self.target_bits
 
 
-def parse_pins(keep: Iterable[str]) -> list[tuple[int, str]]:
-    out = []
-    for k in keep:
-        bits, _, pattern = str(k).partition(":")
-        out.append((int(bits), pattern))
-    return out
-
-
-def pinned_bits(unit: Unit, pins: list[tuple[int, str]]) -> int | None:
-    for bits, pattern in pins:
-        if fnmatch.fnmatchcase(unit.name, pattern) or fnmatch.fnmatchcase(unit.role.value, pattern):
-            return bits
+def pinned_bits(unit: Unit, pins: Iterable[Pin]) -> int | None:
+    for pin in pins:
+        if pin.matches(unit.name, unit.role.value):
+            return pin.bits
     return None
 
 
@@ -343,23 +333,23 @@ class UnitQuantizers:
     def _acts(self, u: Unit, bits: int) -> tuple[ActQuant, ...]:
         q = self.cfg.quant
         sym = q.act_symmetric
-        method = ScaleMethod(q.scale_method)
-        grid = dict(grid_size=q.grid_size, low=q.grid_low, high=q.grid_high)
+        method = ScaleMethod(q.search.method)
+        grid = dict(grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
         cap = self.captured[u.name]
         stats = self.captured.operand_stats(u.name)
         if u.role is Role.PATCH_EMBED or cap.kind is CaptureKind.CONV:
-            p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.percentile)
+            p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.search.percentile)
             return (_uniform_record(u.inputs[0], p),)
         if method is not ScaleMethod.OUTPUT_MSE:
-            return tuple(_uniform_record(t, _range_params(st, bits, sym, method, q.percentile))
+            return tuple(_uniform_record(t, _range_params(st, bits, sym, method, q.search.percentile))
                          for t, st in zip(u.inputs, stats))
         if cap.kind is CaptureKind.ATTENTION:
             a, b = self._pairs(u)
             obj_a = _Proxy(a, np.sum(np.square(b, dtype=np.float64), axis=-1)[..., None, :])  # h (S, H, 1, K)
             pa = self._uniform(obj_a, stats[0], bits, sym)
             qa = _uniform_record(u.inputs[0], pa)
-            if (q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
-                    and _MIN_TWIN_BITS <= bits <= q.optm_max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
+            if (q.optm.enabled and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
+                    and _MIN_TWIN_BITS <= bits <= q.optm.max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
                 tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=twin_max_m(self.cfg, "softmax", bits), n_exact=1,
                                          refine_steps=0, **grid)
                 if obj_a(lambda v: twin_fake_quant(v, tp)) <= obj_a(lambda v: fake_quant(v, pa)):
@@ -370,7 +360,7 @@ class UnitQuantizers:
         x, w, obj = self._linear(u)
         up = self._uniform(obj, stats[0], bits, sym)
         act = _uniform_record(u.inputs[0], up)
-        if (q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm_max_bits
+        if (q.optm.enabled and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm.max_bits
                 and twin_max_m(self.cfg, "gelu", bits) >= 0):
             tp = search_twin(x, w, bits, "gelu", max_m=twin_max_m(self.cfg, "gelu", bits), n_exact=1, refine_steps=0, **grid)
             if obj(lambda v: twin_fake_quant(v, tp)) <= obj(lambda v: fake_quant(v, up)):
@@ -380,9 +370,9 @@ class UnitQuantizers:
     def _uniform(self, obj: "_Proxy", stats: TensorStats, bits: int, sym: bool) -> UniformParams:
         q = self.cfg.quant
         lo, hi = float(obj.operand.min()), float(obj.operand.max())
-        up = _grid_search(obj, lo, hi, bits, sym, q.grid_size, q.grid_low, q.grid_high)
-        return _best_of(obj, [up, _range_params(stats, bits, sym, ScaleMethod.MINMAX, q.percentile),
-                              _range_params(stats, bits, sym, ScaleMethod.PERCENTILE, q.percentile)])
+        up = _grid_search(obj, lo, hi, bits, sym, q.search.grid_size, q.search.grid_low, q.search.grid_high)
+        return _best_of(obj, [up, _range_params(stats, bits, sym, ScaleMethod.MINMAX, q.search.percentile),
+                              _range_params(stats, bits, sym, ScaleMethod.PERCENTILE, q.search.percentile)])
 
     def _pairs(self, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.captured[u.name].pairs  # type: ignore[misc]
@@ -463,7 +453,7 @@ def _ladder(cands: tuple[int, ...]) -> list[int]:
 def _check_feasible(budget: _Budget, w_low: Mapping[str, int], a_low: Mapping[str, int], cfg: Config) -> None:
     mixed = cfg.mixed
     cands = ", ".join(str(b) for b in _ladder(mixed.candidates))
-    pins = f" and pins {', '.join(mixed.keep)}" if mixed.keep else ""
+    pins = f" and pins {', '.join(map(str, mixed.keep))}" if mixed.keep else ""
     if mixed.target_bits is not None:
         aw, aa = budget.avg_w(w_low), budget.avg_a(a_low)
         if aw > mixed.target_bits or aa > mixed.target_bits:
@@ -498,7 +488,7 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
         raise CalibrationError("the captured inputs belong to another graph; capture again on this model")
     ladder = _ladder(mixed.candidates)
     top = ladder[0]
-    pins = parse_pins(mixed.keep)
+    pins = mixed.keep
 
     from ..calibrate.sensitivity import ParamEvaluator
 
@@ -546,7 +536,7 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
         chunk = int(min(config.runtime.batch_size, max(1, EVAL_CHUNK_ELEMS // max(widest, 1))))
         evaluator = ParamEvaluator(graph, model, data, config.runtime, samples=subset_size(mixed.subset, analysis, captured),
                                    seed=config.seed,
-                                   batch_size=chunk, metric=metric or mixed.metric)
+                                   batch_size=chunk, metric=metric or mixed.metric.value)
     quant = UnitQuantizers(analysis, captured, weights, config)
     role = {u.name: u.role.value for u in units}
 
@@ -580,7 +570,7 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
     def done() -> bool:
         return budget.w_met(w_bits) and budget.a_met(a_bits)
 
-    quiet = not progress or os.environ.get("ONNX_MPTQ_NO_PROGRESS", "") == "1"
+    quiet = not progress
     est_steps = _estimate_steps(items, ladder, budget)
     bar = tqdm(total=len(items) + 1 + int(1.5 * est_steps), desc="mixed precision", unit="eval", disable=quiet,
                leave=False)
