@@ -11,7 +11,7 @@ import pytest
 
 import onnx_mptq
 from graphs import random_images, tiny_vit
-from onnx_mptq.config import Config, OptmSelect, QuantConfig, RuntimeConfig, SmoothConfig
+from onnx_mptq.config import Config, OptmConfig, OptmSelect, QuantConfig, RuntimeConfig, SmoothConfig
 from onnx_mptq.errors import DataError, PlanError
 from onnx_mptq.graph.analysis import analyze
 from onnx_mptq.validate import compare_outputs
@@ -20,8 +20,8 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 CPU = RuntimeConfig(providers="cpu")
 
 
-def _cfg(**quant) -> Config:
-    return Config(runtime=CPU, quant=QuantConfig(**quant) if quant else QuantConfig())
+def _cfg(optm: OptmConfig = OptmConfig(), **quant) -> Config:
+    return Config(runtime=CPU, quant=QuantConfig(optm=optm, **quant))
 
 
 def test_reader_and_generator_calibration_data() -> None:
@@ -107,11 +107,11 @@ def test_sqb_and_optm_are_applied_by_default() -> None:
     assert twin_units == {d.unit for d in res.optm.decisions if d.chosen}
     assert res.optm.nmse <= res.optm.nmse_uniform and res.optm.kl <= res.optm.kl_uniform
     layer = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
-                               _cfg(w_bits=4, a_bits=4, optm_select=OptmSelect.LAYER))
+                               _cfg(w_bits=4, a_bits=4, optm=OptmConfig(select=OptmSelect.LAYER)))
     assert any(q.scheme.value == "twin" for lp in layer.plan.layers for q in lp.inputs), \
         "the per-layer rule chose no twin-region quantizer at 4 bits on the demo model"
     off = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
-                             dataclasses.replace(_cfg(w_bits=4, a_bits=4, optm=False), smooth=SmoothConfig(enabled=False)))
+                             dataclasses.replace(_cfg(w_bits=4, a_bits=4, optm=OptmConfig(enabled=False)), smooth=SmoothConfig(enabled=False)))
     assert off.plan.smoothing is None
     assert not [q for lp in off.plan.layers for q in lp.inputs if q.scheme.value == "twin"]
     assert np.isfinite(off.plan.avg_weight_bits)

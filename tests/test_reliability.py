@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mptq import pipeline
 from onnx_mptq.cli import main
-from onnx_mptq.config import CalibConfig, Config, Providers, QuantConfig, RuntimeConfig
+from onnx_mptq.config import CalibConfig, CaptureConfig, Config, Providers, QuantConfig, RuntimeConfig
 from onnx_mptq.errors import DataError, ModelLoadError, MptqError, OutputError
 from onnx_mptq.graph import io as mio
 from onnx_mptq.graph.io import load_model, save_model, write_text_atomic
@@ -345,7 +345,7 @@ def test_malformed_plan(env, capsys, edit, words):
     ({"smooth": {"alpha": 1.5}}, ("smooth.alpha must be in [0, 1], got 1.5",)),
     ({"quant": {"a_bits": 1}}, ("quant.a_bits", "from 2 to 8", "got 1")),
     ({"calib": {"batch_size": 0}}, ("calib.batch_size", ">= 1")),
-    ({"quant": {"scale_method": "best"}}, ("quant.scale_method must be one of",)),
+    ({"quant": {"search": {"method": "best"}}}, ("quant.search.method must be one of",)),
     ({"seed": -3}, ("seed must be an integer >= 0",)),
     ([1, 2], ("config must be an object",)),
 ])
@@ -386,7 +386,7 @@ def test_debug_shows_the_traceback_and_bugs_are_not_hidden(env, capsys, monkeypa
     def boom(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "quantize_file", boom)
+    monkeypatch.setattr(pipeline, "quantize", boom)
     with pytest.raises(RuntimeError):  # a bug is not a user error: Python exits 1 with the traceback
         main(env.quantize(env.model, env.calib))
 
@@ -664,7 +664,7 @@ def test_malicious_checkpoint_is_not_unpickled(env, capsys):
 
 def test_same_input_data_and_seed_give_identical_bytes(env):
     # a reservoir smaller than the 80 tokens seen, so the seeded subsampling really draws
-    cfg = Config(runtime=RuntimeConfig(providers=Providers.CPU), calib=CalibConfig(batch_size=4, tokens_per_layer=32),
+    cfg = Config(runtime=RuntimeConfig(providers=Providers.CPU), calib=CalibConfig(batch_size=4), capture=CaptureConfig(tokens_per_layer=32),
                  quant=QuantConfig(w_bits=4, a_bits=4), seed=3)
     a = pipeline.quantize(env.model, env.calib, cfg)
     b = pipeline.quantize(env.model, env.calib, cfg)
@@ -679,7 +679,7 @@ def test_cli_is_deterministic_across_processes(env):
         d = env.root / f"run{hs}"
         cmd = [sys.executable, "-m", "onnx_mptq", "-q", "quantize", str(env.model), "-o", str(d / "q.onnx"), "--calib",
                str(env.calib), "--plan-out", str(d / "plan.json"), "--w-bits", "6", "--a-bits", "6", "--seed", "5", *CPU]
-        envv = dict(os.environ, PYTHONHASHSEED=hs, ONNX_MPTQ_NO_PROGRESS="1")
+        envv = dict(os.environ, PYTHONHASHSEED=hs)
         r = subprocess.run(cmd, capture_output=True, text=True, env=envv, cwd=REPO, timeout=300)
         assert r.returncode == 0, r.stderr
         outs.append(((d / "q.onnx").read_bytes(), (d / "plan.json").read_bytes()))
@@ -690,7 +690,7 @@ def test_one_line_error_without_progress_noise(env):
     """The real console: a bad input gives exactly one stderr line, also without -q."""
     data, _ = _bad_data(env, "nan")
     cmd = [sys.executable, "-m", "onnx_mptq", "quantize", str(env.model), "-o", str(env.out / "q.onnx"), "--calib", str(data), *CPU]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, ONNX_MPTQ_NO_PROGRESS="1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ))
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("onnx-mptq: error:")]
     assert len(errors) == 1 and "NaN or inf" in errors[0] and "Traceback" not in r.stderr

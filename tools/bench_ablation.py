@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ablations of onnx-mptq's two quantizer-side ideas: SQ-b (issue 3) and OPT-m (issue 5).
 
-    ONNX_MPTQ_NO_PROGRESS=1 python tools/bench_ablation.py --markdown
+    python tools/bench_ablation.py --markdown
     python tools/bench_ablation.py --parts optm --optm-models mnist --bits 4 --limit-eval 1000
 
 ``sqb``: W4A4 and W6A6 (``--bits``) with SQ-b off (``smooth.enabled = False``), on with the
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -129,11 +128,11 @@ def get_models(names: list[str], custom: dict, work: Path, args: argparse.Namesp
     return out
 
 
-def base_config(bits: int, **quant: Any):
-    from onnx_mptq.config import Config, Providers, QuantConfig, RuntimeConfig
+def base_config(bits: int, **optm: Any):
+    from onnx_mptq.config import Config, OptmConfig, Providers, QuantConfig, RuntimeConfig
 
-    quant = {"optm_max_bits": 8, **quant}  # OPT-m at every bit width (the package default leaves 8 bits uniform)
-    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, **quant), runtime=RuntimeConfig(providers=Providers.CPU))
+    optm = {"max_bits": 8, **optm}  # OPT-m at every bit width (the package default leaves 8 bits uniform)
+    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, optm=OptmConfig(**optm)), runtime=RuntimeConfig(providers=Providers.CPU))
 
 
 def eval_row(model: Any, bm: BenchModel, work: Path, tag: str) -> tuple[dict, Path]:
@@ -165,7 +164,7 @@ def run_sqb(bm: BenchModel, bits: list[int], work: Path, log) -> list[dict]:
                 cfg = dataclasses.replace(cfg, smooth=SmoothConfig(enabled=True, shift=ShiftMode(variant)))
             log(f"[sqb] {bm.name} W{b}A{b} SQ-b {variant} ...")
             t0 = time.perf_counter()
-            res = quantize(str(bm.model), str(bm.calib), cfg)
+            res = quantize(str(bm.model), str(bm.calib), cfg, progress=False)
             wall = time.perf_counter() - t0
             ev, path = eval_row(res.model, bm, work, f"sqb_{variant}_w{b}")
             path.unlink()
@@ -211,7 +210,7 @@ def staged_capture(bm: BenchModel, cfg) -> Staged:
     prepared = prepare(source)
     analysis0 = analyze(prepared, prepared=True)
     data = open_data(str(bm.calib), input_specs(prepared), limit=cfg.calib.limit, batch_size=cfg.calib.batch_size)
-    sres = smooth(source, data, cfg, analysis=analysis0, prepared=prepared)
+    sres = smooth(source, data, cfg, analysis=analysis0, prepared=prepared, progress=False)
     work = prepare(sres.model)
     analysis = analyze(work, prepared=True)
     captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.capture.tokens_per_layer,
@@ -323,8 +322,8 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
     n_eligible = sum(1 for u in st.analysis.units if eligible(u))
     rows, lat_rows = [], []
     for b in bits:
-        cfg_u = base_config(b, optm=False)
-        cfg_o = base_config(b, optm=True)
+        cfg_u = base_config(b, enabled=False)
+        cfg_o = base_config(b, enabled=True)
         log(f"[optm] {bm.name} W{b}A{b}: searches ...")
         t = time.perf_counter()
         p_uni = search_plan(st, cfg_u)
@@ -340,7 +339,7 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
         p_hand = handset_plan(p_uni, st, cfg_u)
         t_hand = t_uni + time.perf_counter() - t
         t = time.perf_counter()
-        cfg_any = base_config(b, optm=True, optm_lattice=False)
+        cfg_any = base_config(b, enabled=True, lattice=False)
         options_any: dict = {}
         p_any = network_plan(st, cfg_any, search_plan(st, cfg_any, options_any), options_any)
         t_any = time.perf_counter() - t
@@ -441,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ONNX_MPTQ_NO_PROGRESS", "1")
     parts = [p for p in args.parts.split(",") if p]
     for p in parts:
         if p not in ("sqb", "optm"):
