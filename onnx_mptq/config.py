@@ -77,6 +77,17 @@ def _check(cond: bool, path: str, msg: str, value: Any) -> None:
         raise ConfigError(f"{path} {msg}, got {quote(value)}")
 
 
+def _sections(obj: Any, prefix: str) -> None:
+    """Sub-sections must be their section type (``quant.optm`` is an OptmConfig, not a bool)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp) and not isinstance(v, tp):
+            fields = ", ".join(g.name for g in dataclasses.fields(tp))
+            raise ConfigError(f"{prefix}{f.name} must be a {tp.__name__} ({prefix}{f.name}.{{{fields}}}), got {quote(v)}")
+
+
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -215,6 +226,7 @@ class QuantConfig:
     emission: EmissionConfig = dataclasses.field(default_factory=EmissionConfig)
 
     def __post_init__(self) -> None:
+        _sections(self, "quant.")
         for name in ("w_bits", "a_bits", "input_bits"):
             v = getattr(self, name)
             _check(_bits_ok(v), f"quant.{name}", "must be an integer from 2 to 8", v)
@@ -284,7 +296,8 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0", self.seed)
+        _sections(self, "")
+        _check(_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0", self.seed)
 
     def to_dict(self) -> dict:
         def plain(v: Any) -> Any:
@@ -338,7 +351,7 @@ def _with_value(obj: Any, parts: list[str], value: Any, prefix: str) -> Any:
 
 def _build(cls: Any, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be an object, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.removesuffix('.') or 'config'} must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in sorted(data):

@@ -219,7 +219,7 @@ def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
     assert m_chosen.nmse <= m_uni.nmse and m_chosen.mean_kl <= m_uni.mean_kl
     # the chosen plan emits and runs
     model, report = emit_from_plan(tiny.src, dataclasses.replace(sel.plan, source_digest=_digest(tiny.src)))
-    # every twin fits one uint8 lattice at 4 bits (quant.optm_lattice): one integer matmul per unit
+    # every twin fits one uint8 lattice at 4 bits (quant.optm.lattice): one integer matmul per unit
     assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
 
 
@@ -233,7 +233,7 @@ def test_pipeline_network_vs_layer(tiny):
     base = QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=20), optm=OptmConfig(subset=32))
     net = quantize(tiny.src, tiny.data, Config(quant=base))
     lay = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=dataclasses.replace(base.optm, select=OptmSelect.LAYER))))
-    off = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=False)))
+    off = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=dataclasses.replace(base.optm, enabled=False))))
     assert net.optm is not None and lay.optm is None and off.optm is None
     assert "optm_select_s" in net.timings and "optm_select_s" not in lay.timings
     twins = lambda p: {lp.unit for lp in p.layers if any(a.scheme is Scheme.TWIN for a in lp.inputs)}  # noqa: E731
