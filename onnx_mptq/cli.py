@@ -302,8 +302,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph.analysis import analyze
     from .graph.io import load_model
 
-    model = load_model(args.model)
-    analysis = analyze(model)
+    with _naming(args.model):
+        analysis = analyze(load_model(args.model))
     if args.json:
         print(analysis.to_json(indent=2))
         return 0

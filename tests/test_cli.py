@@ -270,3 +270,26 @@ def test_version_help_and_no_command(capsys):
     assert "COMMAND" in capsys.readouterr().out
     sub = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public accessor
     assert set(sub) == {"export", "inspect", "evaluate", "smooth", "quantize", "demo"}
+
+
+@pytest.mark.slow  # torch + a tiny timm export
+def test_export_prints_its_result_once(tmp_path, capsys, caplog, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    import logging
+
+    from onnx_mptq import export
+    from onnx_mptq.export import tiny_model_kwargs
+
+    spec = tiny_model_kwargs("vit")
+    real = export.export_timm
+
+    def tiny(name, out, **kw):  # the CLI's call, on a tiny random-init model
+        return real(spec.name, out, img_size=spec.img_size, model_kwargs=spec.kwargs, runtime=kw["runtime"], check_samples=1)
+
+    monkeypatch.setattr(export, "export_timm", tiny)
+    caplog.set_level(logging.INFO, logger="onnx_mptq")
+    out = cli(capsys, "export", spec.name, "-o", str(tmp_path / "new" / "v.onnx"), *CPU)
+    assert out.count("exported") == 1 and f"created folder {tmp_path / 'new'}" in out
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "exported" in r.getMessage()]
+    load_model(tmp_path / "new" / "v.onnx")

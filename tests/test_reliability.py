@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -187,9 +188,10 @@ def test_opset_13_is_enough_for_4_bits(env, capsys):
 def test_not_a_transformer(env, capsys):
     path = env.onnx("mlp.onnx", mlp_only())
     data = env.npz("vec.npz", input=np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
-    assert_user_error(capsys, env.quantize(path, data), "not a transformer", "softmax", out_dir=env.out)
+    assert_user_error(capsys, env.quantize(path, data), "mlp.onnx", "not a transformer", "softmax", out_dir=env.out)
     assert_user_error(capsys, ["-q", "smooth", str(path), "-o", str(env.out / "s.onnx"), "--calib", str(data), *CPU],
-                      "not a transformer", out_dir=env.out)
+                      "mlp.onnx", "not a transformer", out_dir=env.out)
+    assert_user_error(capsys, ["inspect", str(path)], "mlp.onnx", "not a transformer")
     assert_user_error(capsys, ["inspect", str(path)], "not a transformer")
 
 
@@ -700,3 +702,94 @@ def test_one_line_error_without_progress_noise(env):
 def test_mptq_errors_are_one_line():
     e = MptqError("first\nsecond   third")
     assert str(e) == "first second third"
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs checked before any work; folders created are named; report folder mode
+
+
+def _no_work(monkeypatch):
+    def work(*a, **k):
+        raise AssertionError("the pipeline ran before the outputs were checked")
+
+    monkeypatch.setattr(pipeline, "quantize", work)
+    monkeypatch.setattr(pipeline, "smooth", work)
+
+
+@pytest.mark.parametrize("which", ["output", "plan-out", "report", "smooth"])
+def test_an_unwritable_output_is_found_before_any_work(env, capsys, monkeypatch, which):
+    _no_work(monkeypatch)
+    blocker = env.root / "afile"
+    blocker.write_text("x")
+    target = blocker / "sub" / "x.onnx"
+    argv = {"output": ["-q", "quantize", str(env.model), "-o", str(target), "--calib", str(env.calib), *CPU],
+            "plan-out": env.quantize(env.model, env.calib, "--plan-out", str(target)),
+            "report": env.quantize(env.model, env.calib, "--report", str(blocker / "rep")),
+            "smooth": ["-q", "smooth", str(env.model), "-o", str(target), "--calib", str(env.calib), *CPU]}[which]
+    assert_user_error(capsys, argv, "afile", "is not a folder", out_dir=env.out)
+    assert_user_error(capsys, env.quantize(env.model, env.calib, "--report", str(blocker)), "afile", "is a file",
+                      out_dir=env.out)
+
+
+def test_missing_output_folders_are_created_and_named(env, capsys):
+    q = env.root / "new" / "deeper" / "q.onnx"
+    rep = env.root / "reports" / "run1"
+    rc, out, err = run_cli(capsys, ["-q", "quantize", str(env.model), "-o", str(q), "--calib", str(env.calib),
+                                    "--report", str(rep), "--no-optm", *CPU])
+    assert rc == 0, err
+    assert q.exists() and (rep / "report.md").exists()
+    for folder in (env.root / "new", env.root / "new" / "deeper", env.root / "reports"):
+        assert f"created folder {folder}" in out.splitlines()
+    assert f"report written to {rep}" in out
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(rep.stat().st_mode) == 0o777 & ~mask  # the usual mode, not mkdtemp's 0o700
+    # the report shows what the pipeline measured (measure=True), nothing is re-run to render it
+    doc = json.loads((rep / "report.json").read_text())
+    assert all(r["sqnr_db"] is not None for r in doc["layers"]) and doc["size_mb"]["fp32_onnx"] > 0
+
+
+def test_debug_works_after_the_subcommand(env, capsys):
+    data, _ = _bad_data(env, "nan")
+    with pytest.raises(DataError, match="NaN"):
+        main([*env.quantize(env.model, data), "--debug"])
+    with pytest.raises(DataError, match="NaN"):
+        main(["--debug", *env.quantize(env.model, data)])
+
+
+def test_a_plan_error_quotes_a_bounded_line(env, capsys):
+    rc, _, err = run_cli(capsys, env.quantize(env.model, env.calib, "--no-optm"))
+    assert rc == 0, err
+    plan = json.loads((env.out / "plan.json").read_text())
+    layer = next(lp for lp in plan["layers"] if lp.get("weight"))
+    layer["weight"]["bits"] = 12
+    layer["weight"]["scales"] = layer["weight"]["scales"] * 40  # a long list in the offending value
+    bad = env.root / "bad_plan.json"
+    bad.write_text(json.dumps(plan))
+    line = assert_user_error(capsys, ["-q", "quantize", str(env.model), "-o", str(env.root / "r.onnx"), "--plan", str(bad), *CPU],
+                             "bad_plan.json")
+    assert len(line) < 700, len(line)
+
+
+@pytest.mark.parametrize("flags,tty,expected", [([], False, False), ([], True, True), (["--no-progress"], True, False),
+                                                (["-q"], True, False), (["x", "--no-progress"], True, False)])
+def test_the_cli_decides_progress_and_the_pipeline_receives_a_bool(env, capsys, monkeypatch, flags, tty, expected):
+    seen = {}
+
+    class Stop(MptqError):
+        pass
+
+    def fake(*a, progress=None, **k):
+        seen["progress"] = progress
+        raise Stop("stop here")
+
+    monkeypatch.setattr(pipeline, "quantize", fake)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    argv = ["quantize", str(env.model), "-o", str(env.out / "q.onnx"), "--calib", str(env.calib), *CPU]
+    if flags[:1] == ["x"]:
+        argv += flags[1:]  # after the subcommand
+    else:
+        argv = flags + argv
+    assert main(argv) == 2
+    assert seen["progress"] is expected
+    assert pipeline.resolve_progress(None) is tty and pipeline.resolve_progress(False) is False
