@@ -472,12 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"onnx-mptq {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[common])
+    def command(name: str, help: str, model: str | None = None, output: str | None = None) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help, parents=[common])
+        if model:
+            c.add_argument("model", help=model)
+        if output:
+            c.add_argument("-o", "--output", required=True, help=output)
+        return c
 
-    s = command("export", "export a timm ViT/DeiT/Swin to ONNX and check it against torch")
+    s = command("export", "export a timm ViT/DeiT/Swin to ONNX and check it against torch", output="the ONNX file to write")
     s.add_argument("name", help="timm model name, e.g. deit_small_patch16_224")
-    s.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     s.add_argument("--checkpoint", default=None,
                    help="weights: .safetensors or a torch state dict, loaded with weights_only=True (default: random init)")
     s.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm, needs network (default: off)")
@@ -488,22 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(s)
     s.set_defaults(func=cmd_export)
 
-    s = command("inspect", "list the quantizable units, LayerNorms and activations of a ViT-family model")
-    s.add_argument("model", help="the ONNX model")
+    s = command("inspect", "list the quantizable units, LayerNorms and activations of a ViT-family model", "the ONNX model")
     s.add_argument("--json", action="store_true", help="print one JSON document (default: a table)")
     s.set_defaults(func=cmd_inspect)
 
-    s = command("evaluate", "accuracy, fidelity to a reference model, and latency in ONNX Runtime")
-    s.add_argument("model", help="the ONNX model to evaluate")
+    s = command("evaluate", "accuracy, fidelity to a reference model, and latency in ONNX Runtime", "the ONNX model to evaluate")
     _add_data(s, "--data", required=True)
     s.add_argument("--reference", default=None, help="FP32 model to compare against (default: none)")
     s.add_argument("--json", default=None, metavar="OUT", help="also write the metrics as JSON here (default: not written)")
     _add_runtime(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = command("smooth", "SQ-b: shift and smooth LayerNorm->Linear inputs, folded into the FP32 graph")
-    s.add_argument("model", help="the FP32 ONNX model (never modified)")
-    s.add_argument("-o", "--output", required=True, help="the smoothed ONNX model to write")
+    s = command("smooth", "SQ-b: shift and smooth LayerNorm->Linear inputs, folded into the FP32 graph",
+                "the FP32 ONNX model (never modified)", "the smoothed ONNX model to write")
     _add_data(s, "--calib", required=True, limit_dest="calib.limit")
     _add_smoothing(s.add_argument_group("SQ-b smoothing"))
     s.add_argument("--report", default=None, metavar="FILE.json", help="write the smoothing report as JSON (default: not written)")
@@ -511,9 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(s)
     s.set_defaults(func=cmd_smooth)
 
-    s = command("quantize", "quantize to a QDQ model (SQ-b, scale search, OPT-m, optional mixed precision)")
-    s.add_argument("model", help="the FP32 ONNX model (never modified)")
-    s.add_argument("-o", "--output", required=True, help="the QDQ ONNX model to write")
+    s = command("quantize", "quantize to a QDQ model (SQ-b, scale search, OPT-m, optional mixed precision)",
+                "the FP32 ONNX model (never modified)", "the QDQ ONNX model to write")
     _add_data(s, "--calib", required=False, limit_dest="calib.limit")
     s.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, default=None, metavar="N",
                    help=f"batch size for calibration (default: {D.calib.batch_size})")

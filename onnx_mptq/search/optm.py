@@ -126,7 +126,7 @@ class TwinSelection:
     kl: float
     evaluations: int
     seconds: float
-    z: float = 2.0  # quant.optm_z, per comparison
+    z: float = 2.0  # quant.optm.z, per comparison
     z_family: float = 2.0  # the threshold applied: z corrected for the comparisons made
 
     @property
