@@ -16,6 +16,8 @@ FORBIDDEN = {
     "passes": {"calibrate", "search", "pipeline", "cli", "validate", "export", "report"},
     "calibrate": {"search", "pipeline", "cli", "report"},
     "search": {"pipeline", "cli", "report"},
+    "pipeline": {"cli", "report", "demo"},  # the stage order only: no shell, no rendering
+    "report": {"calibrate", "search", "passes", "validate", "cli", "demo"},  # renders records, runs nothing
 }
 ORT_ALLOWED = {"calibrate", "validate"}
 
