@@ -5,8 +5,9 @@ capture layer inputs (smoothed graph) -> [bit allocation] -> scale search (+ OPT
 emit QDQ -> validate against the FP32 model [-> per-layer measurements for a report].
 
 Stages are plain functions handing typed records to each other; this module wires them and
-returns them as one :class:`QuantizeResult`. It reads no paths of its own (the CLI, ``cli.py``,
-maps files and flags onto it) and writes nothing.
+returns them as one :class:`QuantizeResult`. It writes nothing: the CLI (``cli.py``) maps files
+and flags onto it and writes the outputs, ``report.py`` renders a result, ``demo.py`` runs the
+embedded demo through it.
 
 Progress bars: every function here takes ``progress: bool | None`` (None: on only when stderr
 is a terminal, :func:`resolve_progress`) and hands the stages a plain bool.
