@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,17 +204,17 @@ class _Outputs:
         return [f"created folder {d}" for d in self.created if d.is_dir()]
 
 
-def _check_outputs(model_in: Path | None, files: list[Path], folders: list[Path] = ()) -> _Outputs:
+def _check_outputs(model_in: Path | None, files: Sequence[Path], folders: Sequence[Path] = ()) -> _Outputs:
     """Every output file and folder can be written: not over the input model, not a folder in the
     way of a file (or a file in the way of a folder), an existing writable folder above it."""
     created: list[Path] = []
-    for out, is_folder in [(f, False) for f in files] + [(d, True) for d in folders]:
+    for out, is_folder in [*((f, False) for f in files), *((d, True) for d in folders)]:
         if model_in is not None and out.resolve() == model_in.resolve():
             raise ConfigError(f"{out}: the output would overwrite the input model; choose another path")
         if not is_folder and out.is_dir():
             raise OutputError(f"{out}: is a folder; give a file name for the output")
         if is_folder and out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: is a file; the report needs a folder there")
+            raise OutputError(f"{out}: is a file; a folder is written there")
         parent = out.parent
         missing: list[Path] = []
         while not parent.exists() and parent != parent.parent:
