@@ -3,6 +3,7 @@
 The public surface::
 
     onnx_mptq.quantize(model, calib, config)   -> QuantizeResult(model, plan, validation, ...)
+    onnx_mptq.write_report(dir, result)        -> a Markdown + JSON + plots report of a result
     onnx_mptq.smooth(model, calib, config)     -> SmoothResult(model, plan, report)
     onnx_mptq.emit_from_plan(model, plan)      -> (QDQ model, emit report)
     onnx_mptq.analyze(model)                   -> ModelAnalysis
@@ -21,20 +22,30 @@ from .plan import QuantPlan, SmoothingPlan
 __version__ = "0.1.0"
 
 
-def quantize(model: Any, calib: Any, config: Config = Config(), *, eval_data: Any = None):
-    """Quantize ``model`` (path or ModelProto) with calibration data; see pipeline.quantize."""
+def quantize(model: Any, calib: Any, config: Config = Config(), *, eval_data: Any = None, measure: bool = False,
+             progress: bool | None = None):
+    """Quantize ``model`` (path or ModelProto) with calibration data; see pipeline.quantize.
+
+    ``progress``: progress bars on stderr (None: only when stderr is a terminal)."""
     from .pipeline import quantize as _quantize
 
-    return _quantize(model, calib, config, eval_data=eval_data)
+    return _quantize(model, calib, config, eval_data=eval_data, measure=measure, progress=progress)
 
 
-def smooth(model: Any, calib: Any, config: Config = Config()):
+def smooth(model: Any, calib: Any, config: Config = Config(), *, progress: bool | None = None):
     """SQ-b only: the smoothed FP32 model, its plan and report; see pipeline.smooth."""
     from .graph.io import load_model
     from .pipeline import smooth as _smooth
 
     m = load_model(model) if not hasattr(model, "graph") else model
-    return _smooth(m, calib, config)
+    return _smooth(m, calib, config, progress=progress)
+
+
+def write_report(dir: Any, result: Any):
+    """Render a QuantizeResult (from ``quantize(..., measure=True)``) into the folder ``dir``."""
+    from .report import write_report as _write
+
+    return _write(dir, result)
 
 
 def emit_from_plan(model: Any, plan: QuantPlan):
@@ -44,7 +55,7 @@ def emit_from_plan(model: Any, plan: QuantPlan):
     return _emit(model, plan)
 
 
-def evaluate(model: Any, data: Any, runtime: Any = None, *, reference: Any = None):
+def evaluate(model: Any, data: Any, runtime: Any = None, *, reference: Any = None, progress: bool | None = None):
     """Accuracy / fidelity / latency of ``model`` in ONNX Runtime on ``data``."""
     from .config import RuntimeConfig
     from .data import DataSource, input_specs, open_data
@@ -55,7 +66,9 @@ def evaluate(model: Any, data: Any, runtime: Any = None, *, reference: Any = Non
     m = load_model(model) if not hasattr(model, "graph") else model
     ref = load_model(reference) if isinstance(reference, (str, bytes)) or hasattr(reference, "__fspath__") else reference
     ds = data if isinstance(data, DataSource) else open_data(data, input_specs(m), batch_size=rt.batch_size)
-    return _evaluate(m, ds, rt, reference=ref, latency_batch_size=rt.batch_size)
+    from .pipeline import resolve_progress
+
+    return _evaluate(m, ds, rt, reference=ref, latency_batch_size=rt.batch_size, progress=resolve_progress(progress))
 
 
 __all__ = [
@@ -70,4 +83,5 @@ __all__ = [
     "evaluate",
     "quantize",
     "smooth",
+    "write_report",
 ]

@@ -12,8 +12,8 @@ class MptqError(Exception):
 
     exit_code = 2
 
-    def __str__(self) -> str:  # one line, always
-        return " ".join(super().__str__().split())
+    def __str__(self) -> str:  # one line of bounded length, always
+        return clip(" ".join(super().__str__().split()), MESSAGE_LIMIT)
 
 
 class ConfigError(MptqError):
@@ -50,3 +50,21 @@ class ProviderError(MptqError):
 
 class ExportError(MptqError):
     """Exporting a timm model to ONNX failed or did not match torch."""
+
+
+QUOTE_LIMIT = 120  # characters of a value an error message quotes
+MESSAGE_LIMIT = 600  # characters of any error message
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` shortened to about ``limit`` characters (head ... tail): what a message
+    quotes of a user's value, so a plan with a thousand scales does not become the message."""
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 24, 8)
+    head, tail = text[: keep * 2 // 3], text[-(keep - keep * 2 // 3):]
+    return f"{head} ...[{len(text) - len(head) - len(tail)} chars]... {tail}"

@@ -275,7 +275,7 @@ def export_model(
         provider=provider,
         exporter="dynamo" if dynamo else "torchscript",
     )
-    log.info("exported %s to %s (opset %d, max |ORT - torch| = %s)", name, path, opset, max_diff)
+    log.debug("exported %s to %s (opset %d, max |ORT - torch| = %s)", name, path, opset, max_diff)  # the CLI prints it
     return result
 
 

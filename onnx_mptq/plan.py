@@ -17,6 +17,17 @@ from .errors import PlanError
 from .records import Record
 
 
+class WeightContainer(str, enum.Enum):
+    """Storage of 8-bit weight codes in the emitted model (passes/emit_qdq.py, "Weights on CPUs
+    without VNNI"): ``auto`` = int8 where every code is within +-64, else uint8 + 128 (exact on
+    every CPU); ``int8`` everywhere (fastest on VNNI / ARM CPUs, saturates on AVX2 without VNNI);
+    ``uint8`` + 128 everywhere."""
+
+    AUTO = "auto"
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+
 class Scheme(str, enum.Enum):
     UNIFORM = "uniform"
     TWIN = "twin"  # OPT-m twin-region quantizer

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import PlanError, quote
 
 T = TypeVar("T", bound="Record")
 
@@ -57,7 +57,7 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
                 return _from_plain(a, value, where)
             except (PlanError, TypeError, ValueError, KeyError) as e:  # try the next member
                 last_err = e
-        raise PlanError(f"{where}: cannot read {value!r} ({last_err})")
+        raise PlanError(f"{where}: cannot read {quote(value)} ({last_err})")
     if origin is tuple:
         if not isinstance(value, list):
             raise PlanError(f"{where}: expected a list, got {type(value).__name__}")

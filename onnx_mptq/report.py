@@ -1,6 +1,7 @@
 """A readable report of one quantization run: ``report.md`` + ``report.json`` + PNG plots.
 
-``write_report(dir, result, source_model, calib=..., eval_data=..., runtime=...)`` writes:
+``write_report(dir, result)`` renders a :class:`onnx_mptq.pipeline.QuantizeResult` (run with
+``measure=True`` for the per-layer SQNR and the FP32 row) and writes:
 
 * ``report.md``: the summary table (FP32 against the quantized model: top-1, top-1 agreement,
   SQNR and KL of the logits, model size, latency), the achieved average bits against the budget,
@@ -10,17 +11,17 @@
 * ``sensitivity.png`` (when mixed precision ran): the increase of the search metric (KL of the
   softmaxes, or the noise-to-signal ratio of the logits) when lowering each layer's weight
   or activation one candidate, measured at the start of the search (log scale);
-* ``sqnr.png`` (when calibration data is given): per-layer SQNR of the quantized model's unit
-  outputs against the FP32 (smoothed, numerically identical) graph, on a few calibration samples;
+* ``sqnr.png`` (when measured): per-layer SQNR of the quantized model's unit outputs against the
+  FP32 (smoothed, numerically identical) graph, on a few calibration samples;
 * ``allocation.png`` (when mixed precision ran): the metric and average bits along the greedy steps;
 * ``report.json``: the same numbers, machine-readable.
 
-Sizes: "ONNX" is the serialized model (8-bit containers for every bit-width); "packed" counts
-each quantized weight at its bit-width (``params * bits / 8``) plus float32 scales and every
-other parameter in float32 -- what a bit-packing runtime would store. MB = 10^6 bytes.
+Sizes (:class:`onnx_mptq.pipeline.ModelSizes`): "ONNX" is the serialized model (8-bit containers
+for every bit-width); "packed" counts each quantized weight at its bit-width plus float32 scales
+and every other parameter in float32. MB = 10^6 bytes.
 
 Everything is written into a temporary sibling directory and renamed into place, so a failed
-run leaves no half-written report; an existing report directory is replaced.
+run leaves no half-written report; an existing report directory is replaced. The folder gets the usual mode (0o777 minus the umask).
 """
 
 from __future__ import annotations
@@ -36,29 +37,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
-from .config import RuntimeConfig
-from .plan import QuantPlan, Scheme
+from .config import SensitivityMetric
+from .pipeline import LayerMeasure, QuantizeResult
+from .plan import LayerPlan, QuantPlan, Scheme
 
 log = logging.getLogger(__name__)
-
-SQNR_SAMPLES = 8  # calibration samples the per-layer SQNR is measured on
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
-    unit: str
-    label: str
-    role: str
+    """One line of the per-layer table: the plan's layer, where it sits, and what was measured."""
+
+    layer: LayerPlan
+    label: str  # block.role
     block: int | None
-    w_bits: int | None
-    a_bits: tuple[int, ...]
-    schemes: tuple[str, ...]
     pinned: bool
-    sens_w: float | None  # metric increase of the first weight drop
-    sens_a: float | None
+    sens: tuple[float | None, float | None]  # metric increase of the first weight / activation drop
     sqnr_db: float | None  # of the unit's output
+
+    def as_dict(self) -> dict:
+        lp = self.layer
+        return {"unit": lp.unit, "label": self.label, "role": lp.role, "block": self.block, "w_bits": lp.w_bits,
+                "a_bits": [a.bits for a in lp.inputs], "schemes": [a.scheme.value for a in lp.inputs],
+                "pinned": self.pinned, "sens_w": _finite(self.sens[0]), "sens_a": _finite(self.sens[1]),
+                "sqnr_db": _finite(self.sqnr_db)}
 
 
 def _finite(v: Any) -> Any:
@@ -67,35 +70,8 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _label(unit, index: int) -> str:
-    return f"{unit.block}.{unit.role.value}" if unit.block is not None else unit.role.value
-
-
-def _float_graph(source: onnx.ModelProto, plan: QuantPlan):
-    """The (smoothed) float graph the plan refers to, and its analysis; None when it cannot be
-    rebuilt exactly."""
-    from .graph.analysis import analyze, prepare
-    from .graph.io import graph_digest
-    from .passes.smooth import apply_smoothing
-
-    work = prepare(source)
-    if plan.smoothing is not None:
-        work, _ = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True))
-        work = prepare(work)
-    if graph_digest(work) != plan.model_digest:
-        return None, None
-    return work, analyze(work, prepared=True)
-
-
-def _packed_size_mb(plan: QuantPlan, model: onnx.ModelProto) -> float:
-    wbits = sum(lp.params * lp.weight.bits for lp in plan.layers if lp.weight is not None)
-    welems = sum(lp.params for lp in plan.layers if lp.weight is not None)
-    channels = sum(len(lp.weight.scales) for lp in plan.layers if lp.weight is not None)
-    floats = 0
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT:
-            floats += int(np.prod(init.dims)) if len(init.dims) else 1
-    return (wbits / 8 + 4 * channels + 4 * max(floats - welems, 0)) / 1e6
+def _label(m: LayerMeasure) -> str:
+    return f"{m.block}.{m.role}" if m.block is not None else m.role
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
@@ -116,7 +92,7 @@ def _sci(v: float | None) -> str:
 # plots
 
 
-_METRIC_NAMES = {"kl": "KL", "nmse": "logit noise/signal"}
+_METRIC_NAMES = {SensitivityMetric.KL.value: "KL", SensitivityMetric.NMSE.value: "logit noise/signal"}
 
 
 def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, str]]:
@@ -142,8 +118,8 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
         out.append((name, title))
 
     fig, ax = plt.subplots(figsize=(width, 3.8))
-    wb = [r.w_bits if r.w_bits is not None else 0 for r in rows]
-    ab = [max(r.a_bits) if r.a_bits else 0 for r in rows]
+    wb = [r.layer.w_bits if r.layer.w_bits is not None else 0 for r in rows]
+    ab = [max((a.bits for a in r.layer.inputs), default=0) for r in rows]
     ax.bar(x - 0.2, wb, 0.4, label="weight bits", color="#3b6ea8")
     ax.bar(x + 0.2, ab, 0.4, label="activation bits", color="#e0892b")
     for i, r in enumerate(rows):
@@ -155,10 +131,10 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
     ax.set_title("bits per layer")
     finish(fig, ax, "bits.png", "Bits per layer")
 
-    if allocation is not None and any(r.sens_w is not None or r.sens_a is not None for r in rows):
+    if allocation is not None and any(v is not None for r in rows for v in r.sens):
         fig, ax = plt.subplots(figsize=(width, 3.8))
-        sw = [r.sens_w if r.sens_w is not None else np.nan for r in rows]
-        sa = [r.sens_a if r.sens_a is not None else np.nan for r in rows]
+        sw = [r.sens[0] if r.sens[0] is not None else np.nan for r in rows]
+        sa = [r.sens[1] if r.sens[1] is not None else np.nan for r in rows]
         ax.bar(x - 0.2, sw, 0.4, label="weight: one candidate down", color="#3b6ea8")
         ax.bar(x + 0.2, sa, 0.4, label="activation: one candidate down", color="#e0892b")
         top = float(np.nanmax(np.abs([*sw, *sa]))) if np.isfinite(np.nanmax(np.abs([*sw, *sa]))) else 1.0
@@ -210,73 +186,39 @@ def _plots(tmp: Path, rows: list[LayerRow], allocation: Any) -> list[tuple[str, 
 # the report
 
 
-def write_report(dir: Path, result: Any, source_model: onnx.ModelProto, *, calib: Any = None, eval_data: Any = None,
-                 runtime: RuntimeConfig | None = None, fp32_eval: Any = None) -> Path:
-    """Write the report of ``result`` (a :class:`onnx_mptq.pipeline.QuantizeResult`) into ``dir``.
+def write_report(dir: Path, result: QuantizeResult) -> Path:
+    """Render ``result`` (a :class:`onnx_mptq.pipeline.QuantizeResult`) into the folder ``dir``.
 
-    ``calib``: calibration data (a few samples give the per-layer SQNR); ``eval_data``: held-out
-    data to evaluate the FP32 model on for the summary table (the quantized side comes from
-    ``result.validation``, or is evaluated here when missing); ``fp32_eval``: an FP32
-    :class:`~onnx_mptq.validate.EvaluationReport` already at hand."""
-    from .evaluate.evaluator import first_samples, unit_output_sqnr
-    from .validate import evaluate
-
-    runtime = runtime or RuntimeConfig()
+    Nothing is measured here: the per-layer SQNR and the FP32 evaluation come with the result
+    (``quantize(..., measure=True)``; without it the report says they were not measured), the
+    quantized model's evaluation is ``result.validation``."""
     dest = Path(dir)
     plan: QuantPlan = result.plan
-    allocation = getattr(result, "allocation", None)
+    allocation = result.allocation
     notes: list[str] = []
-
-    work, analysis = _float_graph(source_model, plan)
-    if analysis is None:
-        notes.append("the plan's float graph could not be rebuilt from the source model: no per-layer SQNR")
-    units = {u.name: u for u in analysis.units} if analysis is not None else {}
-
-    sqnr: dict[str, float] = {}
-    if calib is not None and work is not None:
-        names = [i.name for i in work.graph.input if i.name not in {t.name for t in work.graph.initializer}]
-        inputs = first_samples(calib, names, SQNR_SAMPLES)
-        tensors = [units[lp.unit].output for lp in plan.layers if lp.unit in units and units[lp.unit].output]
-        by_tensor = unit_output_sqnr(work, result.model, tensors, inputs, runtime)
-        sqnr = {lp.unit: by_tensor[units[lp.unit].output] for lp in plan.layers
-                if lp.unit in units and units[lp.unit].output in by_tensor}
-    elif calib is None:
-        notes.append("no calibration data given to the report: no per-layer SQNR")
-
-    fp = fp32_eval
-    q = result.validation
-    if eval_data is not None:
-        from .data import DataSource, input_specs, open_data
-
-        if not isinstance(eval_data, DataSource):
-            eval_data = open_data(eval_data, input_specs(source_model), batch_size=runtime.batch_size)
-        if fp is None:
-            fp = evaluate(source_model, eval_data, runtime, reference=None, progress=False)
-        if q is None:
-            q = evaluate(result.model, eval_data, runtime, reference=source_model, progress=False)
+    measures = {m.unit: m for m in result.layers}
+    if not any(m.sqnr_db is not None for m in result.layers):
+        notes.append("per-layer SQNR not measured (quantize(..., measure=True); the CLI does with --report)")
 
     pinned = {u.unit for u in allocation.units if u.pinned} if allocation is not None else set()
     rows: list[LayerRow] = []
-    for i, lp in enumerate(plan.layers):
-        u = units.get(lp.unit)
+    for lp in plan.layers:
+        m = measures.get(lp.unit)
         sw = sa = None
         if allocation is not None:
             e = allocation.sensitivity.of(lp.unit, "weight")
             sw = e.delta if e is not None else None
             e = allocation.sensitivity.of(lp.unit, "activation")
             sa = e.delta if e is not None else None
-        rows.append(LayerRow(
-            unit=lp.unit, label=_label(u, i) if u is not None else lp.role, role=lp.role,
-            block=u.block if u is not None else None, w_bits=lp.w_bits,
-            a_bits=tuple(a.bits for a in lp.inputs), schemes=tuple(a.scheme.value for a in lp.inputs),
-            pinned=lp.unit in pinned, sens_w=sw, sens_a=sa, sqnr_db=sqnr.get(lp.unit)))
+        rows.append(LayerRow(lp, _label(m) if m is not None else lp.role, m.block if m is not None else None,
+                             lp.unit in pinned, (sw, sa), m.sqnr_db if m is not None else None))
 
-    fp_size = source_model.ByteSize() / 1e6
-    q_size = result.model.ByteSize() / 1e6
-    packed = _packed_size_mb(plan, work if work is not None else source_model)
+    fp, q = result.fp32, result.validation
+    sizes = result.sizes
+    fp_size, q_size, packed = ((sizes.fp32_onnx_mb, sizes.quantized_onnx_mb, sizes.quantized_packed_mb)
+                               if sizes is not None else (None, None, None))
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = _new_dir(dest)
     try:
         images = _plots(tmp, rows, allocation)
         data = _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
@@ -287,8 +229,19 @@ def write_report(dir: Path, result: Any, source_model: onnx.ModelProto, *, calib
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("report written to %s", dest)
+    log.debug("report written to %s", dest)
     return dest
+
+
+def _new_dir(dest: Path) -> Path:
+    """A temporary sibling of ``dest`` with the mode a new folder gets (0o777 minus the umask;
+    ``mkdtemp`` alone would leave it 0o700)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
@@ -333,22 +286,21 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
         "fp32": _eval_dict(fp),
         "quantized": _eval_dict(q),
         "size_mb": {"fp32_onnx": fp_size, "quantized_onnx": q_size, "quantized_packed": packed},
-        "timings_s": dict(getattr(result, "timings", {}) or {}),
-        "optm": _optm_json(getattr(result, "optm", None)),
+        "timings_s": dict(result.timings),
+        "optm": _optm_json(result.optm),
         "allocation": None if allocation is None else {
             "evaluations": allocation.evaluations, "seconds": allocation.seconds,
             "eval_seconds": allocation.eval_seconds, "steps": len(allocation.history),
             "subset_samples": allocation.sensitivity.samples, "metric": allocation.sensitivity.metric, "base": _finite(allocation.sensitivity.base),
             "final": _finite(allocation.distance)},
-        "layers": [{k: _finite(v) if not isinstance(v, tuple) else list(v) for k, v in dataclasses.asdict(r).items()}
-                   for r in rows],
+        "layers": [r.as_dict() for r in rows],
         "notes": list(notes) + list(plan.notes),
     }
 
 
 def _twin_forms(result: Any) -> dict[str, str]:
     """unit -> how its twin operand was emitted (from the emit report's matmul count)."""
-    rep = getattr(result, "emit_report", None)
+    rep = result.emit_report
     out = {}
     for eu in getattr(rep, "units", ()) or ():
         if "twin" in eu.schemes:
@@ -394,13 +346,13 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
              "latency ms (batch 1) | latency ms (batch) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     fp_packed = fp_size
-    L.append(f"| FP32 | {_fmt(fpd.get('top1'))} | {_fmt(fpd.get('top5'))} | 100.00 | inf | 0 | {fp_size:.3f} | "
-             f"{fp_packed:.3f} | {_fmt(fpd.get('latency_ms_b1'), 3)} | {_fmt(fpd.get('latency_ms_batch'), 2)} |")
+    L.append(f"| FP32 | {_fmt(fpd.get('top1'))} | {_fmt(fpd.get('top5'))} | 100.00 | inf | 0 | {_fmt(fp_size, 3)} | "
+             f"{_fmt(fp_packed, 3)} | {_fmt(fpd.get('latency_ms_b1'), 3)} | {_fmt(fpd.get('latency_ms_batch'), 2)} |")
     sq = qd.get("sqnr_db")
     sq_s = _fmt(sq) if sq is not None else ("inf" if qd.get("top1_agreement") is not None else "-")
     L.append(f"| quantized (W {plan.avg_weight_bits:.2f} / A {plan.avg_activation_bits:.2f} bits) | "
              f"{_fmt(qd.get('top1'))} | {_fmt(qd.get('top5'))} | {_fmt(qd.get('top1_agreement'))} | {sq_s} | "
-             f"{_fmt(qd.get('kl'), 4)} | {q_size:.3f} | {packed:.3f} | {_fmt(qd.get('latency_ms_b1'), 3)} | "
+             f"{_fmt(qd.get('kl'), 4)} | {_fmt(q_size, 3)} | {_fmt(packed, 3)} | {_fmt(qd.get('latency_ms_b1'), 3)} | "
              f"{_fmt(qd.get('latency_ms_batch'), 2)} |")
     L.append("")
     if not fpd and not qd:
@@ -433,7 +385,7 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
         L.append("")
         L.append(f"![{title}]({name})")
         L.append("")
-    L.extend(_optm_section(plan, getattr(result, "optm", None), result))
+    L.extend(_optm_section(plan, result.optm, result))
     L.append("## Layers")
     L.append("")
     md = allocation.sensitivity.metric if allocation is not None else "metric"
@@ -441,10 +393,12 @@ def _markdown(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, im
     L.append("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         pin = " (pinned)" if r.pinned else ""
-        L.append(f"| {i} | {r.label}{pin} | `{r.unit}` | {_fmt(r.w_bits)} | {'/'.join(str(b) for b in r.a_bits)} | "
-                 f"{'/'.join(r.schemes)} | {_sci(r.sens_w)} | {_sci(r.sens_a)} | {_fmt(r.sqnr_db, 1)} |")
+        lp = r.layer
+        L.append(f"| {i} | {r.label}{pin} | `{lp.unit}` | {_fmt(lp.w_bits)} | {'/'.join(str(a.bits) for a in lp.inputs)} | "
+                 f"{'/'.join(a.scheme.value for a in lp.inputs)} | {_sci(r.sens[0])} | {_sci(r.sens[1])} | "
+                 f"{_fmt(r.sqnr_db, 1)} |")
     L.append("")
-    timings = dict(getattr(result, "timings", {}) or {})
+    timings = dict(result.timings)
     if timings:
         L.append("## Time")
         L.append("")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("ONNX_MPTQ_NO_PROGRESS", "1")
 
 from tiny_models import tiny_onnx  # noqa: E402,F401  (session fixture: tiny random-weight timm exports)
 

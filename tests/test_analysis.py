@@ -50,7 +50,7 @@ def test_every_gelu_form_is_found_and_gets_an_optm_option(act: str, kind: Activa
     """The Gelu op (exact / tanh), the sigmoid approximation and an erf chain in another operand
     order are all recognised, and OPT-m searches a twin quantizer for the fc2 behind them."""
     from onnx_mptq.calibrate.capture import capture_unit_inputs
-    from onnx_mptq.config import Config, QuantConfig, RuntimeConfig
+    from onnx_mptq.config import Config, QuantConfig, RuntimeConfig, ScaleSearchConfig
     from onnx_mptq.search.scales import search_scales
 
     from graphs import random_images
@@ -61,7 +61,7 @@ def test_every_gelu_form_is_found_and_gets_an_optm_option(act: str, kind: Activa
     cap = capture_unit_inputs(m, a, [{"input": random_images(8, seed=3)}], RuntimeConfig(), tokens_per_layer=64,
                               progress=False)
     options: dict = {}
-    search_scales(m, a, cap, Config(quant=QuantConfig(w_bits=4, a_bits=4, grid_size=10)), source_digest=a.model_digest,
+    search_scales(m, a, cap, Config(quant=QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=10))), source_digest=a.model_digest,
                   progress=False, twin_options=options)
     assert {n for n, o in options.items() if o.kind == "gelu"} == {u.name for u in a.by_role(Role.FC2)}
     # a ReLU MLP gets none (only the softmax operands)

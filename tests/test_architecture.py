@@ -23,6 +23,8 @@ FORBIDDEN = {
     "calibrate": {"evaluate", "search", "pipeline", "cli", "report"},
     "evaluate": {"search", "pipeline", "cli", "validate", "export", "report"},
     "search": {"pipeline", "cli", "report"},
+    "pipeline": {"cli", "report", "demo"},  # the stage order only: no shell, no rendering
+    "report": {"calibrate", "search", "passes", "validate", "cli", "demo"},  # renders records, runs nothing
 }
 ORT_ALLOWED = {"calibrate", "evaluate", "validate"}
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphs import random_images, tiny_vit
 from onnx_mptq.calibrate.capture import CaptureKind, Reservoir, capture_unit_inputs
-from onnx_mptq.config import Config, QuantConfig, RuntimeConfig, ScaleMethod
+from onnx_mptq.config import Config, OptmConfig, QuantConfig, RuntimeConfig, ScaleMethod, ScaleSearchConfig
 from onnx_mptq.errors import CalibrationError, ConfigError
 from onnx_mptq.graph.analysis import GELU_KINDS, Role, analyze
 from onnx_mptq.plan import QuantPlan, Scheme
@@ -31,8 +31,9 @@ def _batches(x: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:
     return [{"input": x[i:i + size]} for i in range(0, len(x), size)]
 
 
-def _cfg(bits: int = 4, method: str = "mse", optm: bool = True, **kw) -> Config:
-    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, scale_method=ScaleMethod(method), optm=optm, **kw))
+def _cfg(bits: int = 4, method: str = "mse", optm: bool = True, **search) -> Config:
+    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, search=ScaleSearchConfig(method=ScaleMethod(method), **search),
+                                    optm=OptmConfig(enabled=optm)))
 
 
 # ---------------------------------------------------------------------------------------------

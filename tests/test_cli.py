@@ -14,10 +14,10 @@ import pytest
 from graphs import random_images, tiny_vit
 from onnx import numpy_helper
 
-from onnx_mptq import __version__, pipeline
+from onnx_mptq import __version__, demo
 from onnx_mptq.calibrate.session import make_session
 from onnx_mptq.cli import build_parser, main
-from onnx_mptq.config import Config, Providers, QuantConfig, RuntimeConfig
+from onnx_mptq.config import Config, EmissionConfig, OptmConfig, Providers, QuantConfig, RuntimeConfig, ScaleSearchConfig
 from onnx_mptq.errors import ConfigError
 from onnx_mptq.graph.io import load_model
 
@@ -211,8 +211,8 @@ def test_weight_container_flag(files, capsys):
             np.testing.assert_array_equal(_weight_codes(m, u), _weight_codes(auto, u))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--weight-container", "int4"])
-    with pytest.raises(ConfigError, match="quant.weight_container"):
-        QuantConfig(weight_container="int4")
+    with pytest.raises(ConfigError, match="quant.emission.weight_container"):
+        EmissionConfig(weight_container="int4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +240,8 @@ def test_export_then_inspect_and_quantize(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_demo_single_setting():
-    fast = QuantConfig(grid_size=10, optm=False)  # the plumbing, not the search, is under test here
-    table = pipeline.run_demo(Config(runtime=CPU_RT, quant=fast), only=["W8A8"])
+    fast = QuantConfig(search=ScaleSearchConfig(grid_size=10), optm=OptmConfig(enabled=False))  # the plumbing, not the search, is under test here
+    table = demo.run_demo(Config(runtime=CPU_RT, quant=fast), only=["W8A8"])
     lines = table.splitlines()
     fp32 = next(ln for ln in lines if ln.startswith("FP32"))
     w8 = next(ln for ln in lines if ln.startswith("W8A8"))
@@ -249,7 +249,7 @@ def test_run_demo_single_setting():
     assert float(fp32.split()[3]) > 90.0 and float(w8.split()[3]) > 90.0  # top-1 % on held-out digits
     assert "provider: CPUExecutionProvider" in table
     with pytest.raises(ConfigError, match="unknown setting"):
-        pipeline.run_demo(Config(runtime=CPU_RT), only=["W3A3"])
+        demo.run_demo(Config(runtime=CPU_RT), only=["W3A3"])
 
 
 @pytest.mark.slow
@@ -272,3 +272,26 @@ def test_version_help_and_no_command(capsys):
     assert "COMMAND" in capsys.readouterr().out
     sub = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public accessor
     assert set(sub) == {"export", "inspect", "evaluate", "smooth", "quantize", "demo"}
+
+
+@pytest.mark.slow  # torch + a tiny timm export
+def test_export_prints_its_result_once(tmp_path, capsys, caplog, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    import logging
+
+    from onnx_mptq import export
+    from onnx_mptq.export import tiny_model_kwargs
+
+    spec = tiny_model_kwargs("vit")
+    real = export.export_timm
+
+    def tiny(name, out, **kw):  # the CLI's call, on a tiny random-init model
+        return real(spec.name, out, img_size=spec.img_size, model_kwargs=spec.kwargs, runtime=kw["runtime"], check_samples=1)
+
+    monkeypatch.setattr(export, "export_timm", tiny)
+    caplog.set_level(logging.INFO, logger="onnx_mptq")
+    out = cli(capsys, "export", spec.name, "-o", str(tmp_path / "new" / "v.onnx"), *CPU)
+    assert out.count("exported") == 1 and f"created folder {tmp_path / 'new'}" in out
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "exported" in r.getMessage()]
+    load_model(tmp_path / "new" / "v.onnx")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from graphs import random_images, smoothed_capture
-from onnx_mptq.config import Config, OptmSelect, QuantConfig
+from onnx_mptq.config import Config, OptmConfig, OptmSelect, QuantConfig, ScaleSearchConfig
 from onnx_mptq.errors import ConfigError, PlanError
 from onnx_mptq.evaluate.evaluator import ParamEvaluator
 from onnx_mptq.numerics.metrics import family_z, kl_softmax, paired_improvement
@@ -176,14 +176,14 @@ def test_select_twins_rejects_foreign_options():
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="quant.optm_subset"):
-        QuantConfig(optm_subset=1)
-    with pytest.raises(ConfigError, match="quant.optm_z"):
-        QuantConfig(optm_z=-1.0)
-    cfg = Config.from_dict({"quant": {"optm_select": "layer", "optm_subset": 64, "optm_z": 1.5}})
-    assert cfg.quant.optm_select is OptmSelect.LAYER
-    with pytest.raises(ConfigError, match="optm_select"):
-        Config.from_dict({"quant": {"optm_select": "both"}})
+    with pytest.raises(ConfigError, match="quant.optm.subset"):
+        OptmConfig(subset=1)
+    with pytest.raises(ConfigError, match="quant.optm.z"):
+        OptmConfig(z=-1.0)
+    cfg = Config.from_dict({"quant": {"optm": {"select": "layer", "subset": 64, "z": 1.5}}})
+    assert cfg.quant.optm.select is OptmSelect.LAYER
+    with pytest.raises(ConfigError, match="quant.optm.select"):
+        Config.from_dict({"quant": {"optm": {"select": "both"}}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def tiny():
 
 
 def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
-    cfg = Config(quant=QuantConfig(w_bits=4, a_bits=4, grid_size=20, optm_subset=48))
+    cfg = Config(quant=QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=20), optm=OptmConfig(subset=48)))
     options: dict = {}
     plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False,
                          twin_options=options)
@@ -207,7 +207,7 @@ def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
         assert opt.twin.inputs[0].scheme is Scheme.TWIN and opt.uniform.inputs[0].scheme is Scheme.UNIFORM
     ev = make_evaluator(tiny.work, tiny.an, tiny.cap, tiny.data, cfg)
     assert ev.samples == 48
-    sel = select_twins(plan, options, ev, z=cfg.quant.optm_z, progress=False)
+    sel = select_twins(plan, options, ev, z=cfg.quant.optm.z, progress=False)
     # the reported distances are what a fresh evaluator measures for the chosen and the all-uniform plans
     fresh = ParamEvaluator(ev.graph, tiny.work, tiny.data, cfg.runtime, samples=48, seed=cfg.seed, staged=False)
     chosen = {lp.unit: lp for lp in sel.plan.layers}
@@ -219,7 +219,7 @@ def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
     assert m_chosen.nmse <= m_uni.nmse and m_chosen.mean_kl <= m_uni.mean_kl
     # the chosen plan emits and runs
     model, report = emit_from_plan(tiny.src, dataclasses.replace(sel.plan, source_digest=_digest(tiny.src)))
-    # every twin fits one uint8 lattice at 4 bits (quant.optm_lattice): one integer matmul per unit
+    # every twin fits one uint8 lattice at 4 bits (quant.optm.lattice): one integer matmul per unit
     assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
 
 
@@ -230,10 +230,10 @@ def _digest(model) -> str:
 
 
 def test_pipeline_network_vs_layer(tiny):
-    base = QuantConfig(w_bits=4, a_bits=4, grid_size=20, optm_subset=32)
+    base = QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=20), optm=OptmConfig(subset=32))
     net = quantize(tiny.src, tiny.data, Config(quant=base))
-    lay = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm_select=OptmSelect.LAYER)))
-    off = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=False)))
+    lay = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=dataclasses.replace(base.optm, select=OptmSelect.LAYER))))
+    off = quantize(tiny.src, tiny.data, Config(quant=dataclasses.replace(base, optm=dataclasses.replace(base.optm, enabled=False))))
     assert net.optm is not None and lay.optm is None and off.optm is None
     assert "optm_select_s" in net.timings and "optm_select_s" not in lay.timings
     twins = lambda p: {lp.unit for lp in p.layers if any(a.scheme is Scheme.TWIN for a in lp.inputs)}  # noqa: E731
@@ -258,7 +258,7 @@ def test_cli_optm_select_and_report(tmp_path, tiny):
     calib = tmp_path / "c.npz"
     np.savez(calib, input=random_images(32, seed=5))
     cfgf = tmp_path / "cfg.json"
-    cfgf.write_text(json.dumps({"quant": {"grid_size": 10, "optm_subset": 16}}))
+    cfgf.write_text(json.dumps({"quant": {"search": {"grid_size": 10}, "optm": {"subset": 16}}}))
     out = tmp_path / "q.onnx"
     rep = tmp_path / "rep"
     rc = main(["quantize", str(src), "-o", str(out), "--calib", str(calib), "--w-bits", "4", "--a-bits", "4",
@@ -285,8 +285,8 @@ def test_searched_ratios_fit_one_lattice(tiny, bits):
     from onnx_mptq.numerics.twin import lattice_fits, lattice_max_m
     from onnx_mptq.passes.emit_qdq import twin_params
 
-    cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, grid_size=20))
-    free = Config(quant=dataclasses.replace(cfg.quant, optm_lattice=False))
+    cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, search=ScaleSearchConfig(grid_size=20)))
+    free = Config(quant=dataclasses.replace(cfg.quant, optm=OptmConfig(lattice=False)))
     ms = {}
     for name, c in (("lattice", cfg), ("free", free)):
         options: dict = {}
@@ -304,7 +304,7 @@ def test_searched_ratios_fit_one_lattice(tiny, bits):
             _, report = emit_from_plan(tiny.src, twin_plan)
             assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
         else:
-            assert all(m <= free.quant.optm_max_m for m in ms[name].values())
+            assert all(m <= free.quant.optm.max_m for m in ms[name].values())
     args = build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--optm-any-m"])
-    assert _config_from(args).quant.optm_lattice is False
-    assert _config_from(build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx"])).quant.optm_lattice is True
+    assert _config_from(args).quant.optm.lattice is False
+    assert _config_from(build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx"])).quant.optm.lattice is True

@@ -11,7 +11,7 @@ import pytest
 
 import onnx_mptq
 from graphs import random_images, tiny_vit
-from onnx_mptq.config import Config, OptmSelect, QuantConfig, RuntimeConfig, SmoothConfig
+from onnx_mptq.config import Config, OptmConfig, OptmSelect, QuantConfig, RuntimeConfig, SmoothConfig
 from onnx_mptq.errors import DataError, PlanError
 from onnx_mptq.graph.analysis import analyze
 from onnx_mptq.validate import compare_outputs
@@ -20,8 +20,8 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 CPU = RuntimeConfig(providers="cpu")
 
 
-def _cfg(**quant) -> Config:
-    return Config(runtime=CPU, quant=QuantConfig(**quant) if quant else QuantConfig())
+def _cfg(optm: OptmConfig = OptmConfig(), **quant) -> Config:
+    return Config(runtime=CPU, quant=QuantConfig(optm=optm, **quant))
 
 
 def test_reader_and_generator_calibration_data() -> None:
@@ -109,11 +109,11 @@ def test_sqb_and_optm_are_applied_by_default() -> None:
     assert twin_units == {d.unit for d in res.optm.decisions if d.chosen}
     assert res.optm.nmse <= res.optm.nmse_uniform and res.optm.kl <= res.optm.kl_uniform
     layer = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
-                               _cfg(w_bits=4, a_bits=4, optm_select=OptmSelect.LAYER))
+                               _cfg(w_bits=4, a_bits=4, optm=OptmConfig(select=OptmSelect.LAYER)))
     assert any(q.scheme.value == "twin" for lp in layer.plan.layers for q in lp.inputs), \
         "the per-layer rule chose no twin-region quantizer at 4 bits on the demo model"
     off = onnx_mptq.quantize(MODELS / "digits_vit.onnx", MODELS / "digits_calib.npz",
-                             dataclasses.replace(_cfg(w_bits=4, a_bits=4, optm=False), smooth=SmoothConfig(enabled=False)))
+                             dataclasses.replace(_cfg(w_bits=4, a_bits=4, optm=OptmConfig(enabled=False)), smooth=SmoothConfig(enabled=False)))
     assert off.plan.smoothing is None
     assert not [q for lp in off.plan.layers for q in lp.inputs if q.scheme.value == "twin"]
     assert np.isfinite(off.plan.avg_weight_bits)
@@ -127,3 +127,61 @@ def test_alpha_search_through_the_pipeline() -> None:
     alphas = {n.alpha for n in res.plan.norms if n.consumers}
     assert alphas and alphas <= set(grid)
     assert compare_outputs(m, res.model, [{"input": x}], CPU).rel_max_abs < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# layers: the pipeline computes, the report renders; search/ loads no ORT at import
+
+
+def test_search_modules_do_not_import_onnxruntime() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, onnx_mptq.search.scales, onnx_mptq.search.mixed, onnx_mptq.search.optm, onnx_mptq.pipeline; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnxruntime'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_results_are_typed() -> None:
+    from onnx_mptq.pipeline import LayerMeasure, ModelSizes, QuantizeResult, SmoothResult
+
+    for cls in (QuantizeResult, SmoothResult, LayerMeasure, ModelSizes):
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+        for name, ann in cls.__annotations__.items():
+            assert "Any" not in str(ann), f"{cls.__name__}.{name}: {ann}"
+
+
+def test_report_renders_what_the_pipeline_measured(tmp_path, monkeypatch) -> None:
+    import json
+
+    from onnx_mptq import validate
+    from onnx_mptq.evaluate import evaluator as sensitivity
+    from onnx_mptq.passes import smooth as smooth_pass
+    from onnx_mptq.report import write_report
+
+    m = tiny_vit(seed=3)
+    fast = Config(runtime=CPU, quant=QuantConfig(w_bits=6, a_bits=6, optm=OptmConfig(enabled=False)))
+    plain = onnx_mptq.quantize(m, [{"input": random_images(16)}], fast, eval_data=[{"input": random_images(8, seed=4)}])
+    assert plain.fp32 is None and all(lm.sqnr_db is None for lm in plain.layers)
+    res = onnx_mptq.quantize(m, [{"input": random_images(16)}], fast, eval_data=[{"input": random_images(8, seed=4)}],
+                             measure=True)
+    assert [lm.unit for lm in res.layers] == [lp.unit for lp in res.plan.layers]
+    assert all(lm.sqnr_db is not None and np.isfinite(lm.sqnr_db) and lm.sqnr_db > 10 for lm in res.layers)
+    assert res.fp32 is not None and res.fp32.top1_agreement is None  # the FP32 model alone: no reference
+    assert res.sizes.quantized_onnx_mb == res.model.ByteSize() / 1e6 and res.sizes.fp32_onnx_mb == m.ByteSize() / 1e6
+    assert res.sizes.quantized_packed_mb < res.sizes.fp32_onnx_mb
+
+    def rerun(*a, **k):
+        raise AssertionError("the report re-ran a stage")
+
+    for mod, name in ((smooth_pass, "apply_smoothing"), (sensitivity, "unit_output_sqnr"), (validate, "evaluate")):
+        monkeypatch.setattr(mod, name, rerun)
+    write_report(tmp_path / "rep", res)
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["sqnr_db"] for r in doc["layers"]] == [lm.sqnr_db for lm in res.layers]
+    assert doc["fp32"]["num_samples"] == res.fp32.num_samples and doc["quantized"]["top1_agreement"] is not None
+    assert doc["size_mb"] == {"fp32_onnx": res.sizes.fp32_onnx_mb, "quantized_onnx": res.sizes.quantized_onnx_mb,
+                              "quantized_packed": res.sizes.quantized_packed_mb}

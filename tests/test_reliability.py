@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mptq import pipeline
 from onnx_mptq.cli import main
-from onnx_mptq.config import CalibConfig, Config, Providers, QuantConfig, RuntimeConfig
+from onnx_mptq.config import CalibConfig, CaptureConfig, Config, Providers, QuantConfig, RuntimeConfig
 from onnx_mptq.errors import DataError, ModelLoadError, MptqError, OutputError
 from onnx_mptq.graph import io as mio
 from onnx_mptq.graph.io import load_model, save_model, write_text_atomic
@@ -187,9 +188,10 @@ def test_opset_13_is_enough_for_4_bits(env, capsys):
 def test_not_a_transformer(env, capsys):
     path = env.onnx("mlp.onnx", mlp_only())
     data = env.npz("vec.npz", input=np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
-    assert_user_error(capsys, env.quantize(path, data), "not a transformer", "softmax", out_dir=env.out)
+    assert_user_error(capsys, env.quantize(path, data), "mlp.onnx", "not a transformer", "softmax", out_dir=env.out)
     assert_user_error(capsys, ["-q", "smooth", str(path), "-o", str(env.out / "s.onnx"), "--calib", str(data), *CPU],
-                      "not a transformer", out_dir=env.out)
+                      "mlp.onnx", "not a transformer", out_dir=env.out)
+    assert_user_error(capsys, ["inspect", str(path)], "mlp.onnx", "not a transformer")
     assert_user_error(capsys, ["inspect", str(path)], "not a transformer")
 
 
@@ -345,7 +347,7 @@ def test_malformed_plan(env, capsys, edit, words):
     ({"smooth": {"alpha": 1.5}}, ("smooth.alpha must be in [0, 1], got 1.5",)),
     ({"quant": {"a_bits": 1}}, ("quant.a_bits", "from 2 to 8", "got 1")),
     ({"calib": {"batch_size": 0}}, ("calib.batch_size", ">= 1")),
-    ({"quant": {"scale_method": "best"}}, ("quant.scale_method must be one of",)),
+    ({"quant": {"search": {"method": "best"}}}, ("quant.search.method must be one of",)),
     ({"seed": -3}, ("seed must be an integer >= 0",)),
     ([1, 2], ("config must be an object",)),
 ])
@@ -386,7 +388,7 @@ def test_debug_shows_the_traceback_and_bugs_are_not_hidden(env, capsys, monkeypa
     def boom(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "quantize_file", boom)
+    monkeypatch.setattr(pipeline, "quantize", boom)
     with pytest.raises(RuntimeError):  # a bug is not a user error: Python exits 1 with the traceback
         main(env.quantize(env.model, env.calib))
 
@@ -664,7 +666,7 @@ def test_malicious_checkpoint_is_not_unpickled(env, capsys):
 
 def test_same_input_data_and_seed_give_identical_bytes(env):
     # a reservoir smaller than the 80 tokens seen, so the seeded subsampling really draws
-    cfg = Config(runtime=RuntimeConfig(providers=Providers.CPU), calib=CalibConfig(batch_size=4, tokens_per_layer=32),
+    cfg = Config(runtime=RuntimeConfig(providers=Providers.CPU), calib=CalibConfig(batch_size=4), capture=CaptureConfig(tokens_per_layer=32),
                  quant=QuantConfig(w_bits=4, a_bits=4), seed=3)
     a = pipeline.quantize(env.model, env.calib, cfg)
     b = pipeline.quantize(env.model, env.calib, cfg)
@@ -679,7 +681,7 @@ def test_cli_is_deterministic_across_processes(env):
         d = env.root / f"run{hs}"
         cmd = [sys.executable, "-m", "onnx_mptq", "-q", "quantize", str(env.model), "-o", str(d / "q.onnx"), "--calib",
                str(env.calib), "--plan-out", str(d / "plan.json"), "--w-bits", "6", "--a-bits", "6", "--seed", "5", *CPU]
-        envv = dict(os.environ, PYTHONHASHSEED=hs, ONNX_MPTQ_NO_PROGRESS="1")
+        envv = dict(os.environ, PYTHONHASHSEED=hs)
         r = subprocess.run(cmd, capture_output=True, text=True, env=envv, cwd=REPO, timeout=300)
         assert r.returncode == 0, r.stderr
         outs.append(((d / "q.onnx").read_bytes(), (d / "plan.json").read_bytes()))
@@ -690,7 +692,7 @@ def test_one_line_error_without_progress_noise(env):
     """The real console: a bad input gives exactly one stderr line, also without -q."""
     data, _ = _bad_data(env, "nan")
     cmd = [sys.executable, "-m", "onnx_mptq", "quantize", str(env.model), "-o", str(env.out / "q.onnx"), "--calib", str(data), *CPU]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, ONNX_MPTQ_NO_PROGRESS="1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ))
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("onnx-mptq: error:")]
     assert len(errors) == 1 and "NaN or inf" in errors[0] and "Traceback" not in r.stderr
@@ -700,3 +702,94 @@ def test_one_line_error_without_progress_noise(env):
 def test_mptq_errors_are_one_line():
     e = MptqError("first\nsecond   third")
     assert str(e) == "first second third"
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs checked before any work; folders created are named; report folder mode
+
+
+def _no_work(monkeypatch):
+    def work(*a, **k):
+        raise AssertionError("the pipeline ran before the outputs were checked")
+
+    monkeypatch.setattr(pipeline, "quantize", work)
+    monkeypatch.setattr(pipeline, "smooth", work)
+
+
+@pytest.mark.parametrize("which", ["output", "plan-out", "report", "smooth"])
+def test_an_unwritable_output_is_found_before_any_work(env, capsys, monkeypatch, which):
+    _no_work(monkeypatch)
+    blocker = env.root / "afile"
+    blocker.write_text("x")
+    target = blocker / "sub" / "x.onnx"
+    argv = {"output": ["-q", "quantize", str(env.model), "-o", str(target), "--calib", str(env.calib), *CPU],
+            "plan-out": env.quantize(env.model, env.calib, "--plan-out", str(target)),
+            "report": env.quantize(env.model, env.calib, "--report", str(blocker / "rep")),
+            "smooth": ["-q", "smooth", str(env.model), "-o", str(target), "--calib", str(env.calib), *CPU]}[which]
+    assert_user_error(capsys, argv, "afile", "is not a folder", out_dir=env.out)
+    assert_user_error(capsys, env.quantize(env.model, env.calib, "--report", str(blocker)), "afile", "is a file",
+                      out_dir=env.out)
+
+
+def test_missing_output_folders_are_created_and_named(env, capsys):
+    q = env.root / "new" / "deeper" / "q.onnx"
+    rep = env.root / "reports" / "run1"
+    rc, out, err = run_cli(capsys, ["-q", "quantize", str(env.model), "-o", str(q), "--calib", str(env.calib),
+                                    "--report", str(rep), "--no-optm", *CPU])
+    assert rc == 0, err
+    assert q.exists() and (rep / "report.md").exists()
+    for folder in (env.root / "new", env.root / "new" / "deeper", env.root / "reports"):
+        assert f"created folder {folder}" in out.splitlines()
+    assert f"report written to {rep}" in out
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(rep.stat().st_mode) == 0o777 & ~mask  # the usual mode, not mkdtemp's 0o700
+    # the report shows what the pipeline measured (measure=True), nothing is re-run to render it
+    doc = json.loads((rep / "report.json").read_text())
+    assert all(r["sqnr_db"] is not None for r in doc["layers"]) and doc["size_mb"]["fp32_onnx"] > 0
+
+
+def test_debug_works_after_the_subcommand(env, capsys):
+    data, _ = _bad_data(env, "nan")
+    with pytest.raises(DataError, match="NaN"):
+        main([*env.quantize(env.model, data), "--debug"])
+    with pytest.raises(DataError, match="NaN"):
+        main(["--debug", *env.quantize(env.model, data)])
+
+
+def test_a_plan_error_quotes_a_bounded_line(env, capsys):
+    rc, _, err = run_cli(capsys, env.quantize(env.model, env.calib, "--no-optm"))
+    assert rc == 0, err
+    plan = json.loads((env.out / "plan.json").read_text())
+    layer = next(lp for lp in plan["layers"] if lp.get("weight"))
+    layer["weight"]["bits"] = 12
+    layer["weight"]["scales"] = layer["weight"]["scales"] * 40  # a long list in the offending value
+    bad = env.root / "bad_plan.json"
+    bad.write_text(json.dumps(plan))
+    line = assert_user_error(capsys, ["-q", "quantize", str(env.model), "-o", str(env.root / "r.onnx"), "--plan", str(bad), *CPU],
+                             "bad_plan.json")
+    assert len(line) < 700, len(line)
+
+
+@pytest.mark.parametrize("flags,tty,expected", [([], False, False), ([], True, True), (["--no-progress"], True, False),
+                                                (["-q"], True, False), (["x", "--no-progress"], True, False)])
+def test_the_cli_decides_progress_and_the_pipeline_receives_a_bool(env, capsys, monkeypatch, flags, tty, expected):
+    seen = {}
+
+    class Stop(MptqError):
+        pass
+
+    def fake(*a, progress=None, **k):
+        seen["progress"] = progress
+        raise Stop("stop here")
+
+    monkeypatch.setattr(pipeline, "quantize", fake)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    argv = ["quantize", str(env.model), "-o", str(env.out / "q.onnx"), "--calib", str(env.calib), *CPU]
+    if flags[:1] == ["x"]:
+        argv += flags[1:]  # after the subcommand
+    else:
+        argv = flags + argv
+    assert main(argv) == 2
+    assert seen["progress"] is expected
+    assert pipeline.resolve_progress(None) is tty and pipeline.resolve_progress(False) is False

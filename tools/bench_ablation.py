@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ablations of onnx-mptq's two quantizer-side ideas: SQ-b (issue 3) and OPT-m (issue 5).
 
-    ONNX_MPTQ_NO_PROGRESS=1 python tools/bench_ablation.py --markdown
+    python tools/bench_ablation.py --markdown
     python tools/bench_ablation.py --parts optm --optm-models mnist --bits 4 --limit-eval 1000
 
 ``sqb``: W4A4 and W6A6 (``--bits``) with SQ-b off (``smooth.enabled = False``), on with the
@@ -20,14 +20,14 @@ post-Softmax (P of ``P @ V``) operands, everything else default (SQ-b mean, mse 
   P quantizer replaced; V's step searched again with the twin P, keeping whichever of the old and
   new step gives the lower ``|| P V - Q(P) Q(V) ||^2``) and re-emits it with
   ``onnx_mptq.pipeline.emit_from_plan``;
-* ``OPT-m per layer``: ``quant.optm_select = "layer"``: m searched jointly with the step per
+* ``OPT-m per layer``: ``quant.optm.select = "layer"``: m searched jointly with the step per
   layer; the twin quantizer is kept where it lowers that layer's output error;
-* ``OPT-m``: the default (``quant.optm_select = "network"``): the same searched quantizers, each
+* ``OPT-m``: the default (``quant.optm.select = "network"``): the same searched quantizers, each
   operand's twin kept only where it lowers the network's logit error and KL on a calibration
   subset beyond the subset's noise (two standard errors per comparison, corrected for the number
   of comparisons; ``onnx_mptq.search.optm``);
-* ``OPT-m, any m``: as ``OPT-m`` with ``quant.optm_lattice = False``: m searched up to
-  ``quant.optm_max_m`` even where the twin's values do not fit one uint8 lattice (those operands
+* ``OPT-m, any m``: as ``OPT-m`` with ``quant.optm.lattice = False``: m searched up to
+  ``quant.optm.max_m`` even where the twin's values do not fit one uint8 lattice (those operands
   are emitted as two integer matmuls).
 
 The hand-set and per-layer plans are also emitted in the split form (``EmitOptions(twin_form=
@@ -42,7 +42,7 @@ machine), exported at 224x224 with its 1000 classes, calibrated on the first 64 
 ImageNet photos in ``../shared/data/imagenet-sample-calib-250`` (timm's preprocessing) and
 evaluated on the other 186: fidelity to FP32 only, no accuracy.
 
-Both parts apply OPT-m at every bit width they run, 8 included (``quant.optm_max_bits = 8``;
+Both parts apply OPT-m at every bit width they run, 8 included (``quant.optm.max_bits = 8``;
 the package default, 7, leaves 8-bit operands uniform for int8 speed).
 
 Every model is evaluated on the evaluation split against the FP32 model (top-1 where labels
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -129,11 +128,11 @@ def get_models(names: list[str], custom: dict, work: Path, args: argparse.Namesp
     return out
 
 
-def base_config(bits: int, **quant: Any):
-    from onnx_mptq.config import Config, Providers, QuantConfig, RuntimeConfig
+def base_config(bits: int, **optm: Any):
+    from onnx_mptq.config import Config, OptmConfig, Providers, QuantConfig, RuntimeConfig
 
-    quant = {"optm_max_bits": 8, **quant}  # OPT-m at every bit width (the package default leaves 8 bits uniform)
-    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, **quant), runtime=RuntimeConfig(providers=Providers.CPU))
+    optm = {"max_bits": 8, **optm}  # OPT-m at every bit width (the package default leaves 8 bits uniform)
+    return Config(quant=QuantConfig(w_bits=bits, a_bits=bits, optm=OptmConfig(**optm)), runtime=RuntimeConfig(providers=Providers.CPU))
 
 
 def eval_row(model: Any, bm: BenchModel, work: Path, tag: str) -> tuple[dict, Path]:
@@ -165,7 +164,7 @@ def run_sqb(bm: BenchModel, bits: list[int], work: Path, log) -> list[dict]:
                 cfg = dataclasses.replace(cfg, smooth=SmoothConfig(enabled=True, shift=ShiftMode(variant)))
             log(f"[sqb] {bm.name} W{b}A{b} SQ-b {variant} ...")
             t0 = time.perf_counter()
-            res = quantize(str(bm.model), str(bm.calib), cfg)
+            res = quantize(str(bm.model), str(bm.calib), cfg, progress=False)
             wall = time.perf_counter() - t0
             ev, path = eval_row(res.model, bm, work, f"sqb_{variant}_w{b}")
             path.unlink()
@@ -211,10 +210,10 @@ def staged_capture(bm: BenchModel, cfg) -> Staged:
     prepared = prepare(source)
     analysis0 = analyze(prepared, prepared=True)
     data = open_data(str(bm.calib), input_specs(prepared), limit=cfg.calib.limit, batch_size=cfg.calib.batch_size)
-    sres = smooth(source, data, cfg, analysis=analysis0, prepared=prepared)
+    sres = smooth(source, data, cfg, analysis=analysis0, prepared=prepared, progress=False)
     work = prepare(sres.model)
     analysis = analyze(work, prepared=True)
-    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer,
+    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.capture.tokens_per_layer,
                                    seed=cfg.seed, progress=False)
     return Staged(source, work, analysis, captured, sres.plan, graph_digest(source), data)
 
@@ -233,7 +232,7 @@ def network_plan(st: Staged, cfg, plan, options: dict):
     if not options:
         return plan
     ev = make_evaluator(st.work, st.analysis, st.captured, st.data, cfg)
-    return select_twins(plan, options, ev, z=cfg.quant.optm_z, progress=False).plan
+    return select_twins(plan, options, ev, z=cfg.quant.optm.z, progress=False).plan
 
 
 def _twin_act(tensor: str, tp) -> Any:
@@ -294,8 +293,8 @@ def handset_plan(uniform_plan, st: Staged, cfg):
             a_fq = twin_fake_quant(a, tp)
             obj = OperandObjective(a, b, 1, other_fq=a_fq)
             old_b = lp.inputs[1]
-            pb = search_matmul_operand_scale(a, b, 1, old_b.bits, q.act_symmetric, other_fq=a_fq, grid_size=q.grid_size,
-                                             low=q.grid_low, high=q.grid_high, method="mse", pct=q.percentile)
+            pb = search_matmul_operand_scale(a, b, 1, old_b.bits, q.act_symmetric, other_fq=a_fq, grid_size=q.search.grid_size,
+                                             low=q.search.grid_low, high=q.search.grid_high, method="mse", pct=q.search.percentile)
             new_b = _uniform_act(unit.inputs[1], pb)
             qb = new_b if obj(act_fake_quant(new_b)) < obj(act_fake_quant(old_b)) else old_b
             layers.append(dataclasses.replace(lp, inputs=(_twin_act(unit.inputs[0], tp), qb)))
@@ -323,8 +322,8 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
     n_eligible = sum(1 for u in st.analysis.units if eligible(u))
     rows, lat_rows = [], []
     for b in bits:
-        cfg_u = base_config(b, optm=False)
-        cfg_o = base_config(b, optm=True)
+        cfg_u = base_config(b, enabled=False)
+        cfg_o = base_config(b, enabled=True)
         log(f"[optm] {bm.name} W{b}A{b}: searches ...")
         t = time.perf_counter()
         p_uni = search_plan(st, cfg_u)
@@ -340,7 +339,7 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
         p_hand = handset_plan(p_uni, st, cfg_u)
         t_hand = t_uni + time.perf_counter() - t
         t = time.perf_counter()
-        cfg_any = base_config(b, optm=True, optm_lattice=False)
+        cfg_any = base_config(b, enabled=True, lattice=False)
         options_any: dict = {}
         p_any = network_plan(st, cfg_any, search_plan(st, cfg_any, options_any), options_any)
         t_any = time.perf_counter() - t
@@ -441,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ONNX_MPTQ_NO_PROGRESS", "1")
     parts = [p for p in args.parts.split(",") if p]
     for p in parts:
         if p not in ("sqb", "optm"):

@@ -67,7 +67,7 @@ def child(model: Path, data: Path, limit: int, batch_size: int, threads: int) ->
     peak_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     work = prepare(sres.model)
     wa = analyze(work, prepared=True)
-    captured = capture_unit_inputs(work, wa, ds, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer, seed=cfg.seed,
+    captured = capture_unit_inputs(work, wa, ds, cfg.runtime, tokens_per_layer=cfg.capture.tokens_per_layer, seed=cfg.seed,
                                    progress=False)
     return {
         "images": limit,
@@ -149,7 +149,7 @@ def main() -> int:
     for n in args.images:
         cmd = [sys.executable, __file__, "--child", str(model), str(data), "--limit", str(n), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]
-        env = dict(os.environ, ONNX_MPTQ_NO_PROGRESS="1")
+        env = dict(os.environ)
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)

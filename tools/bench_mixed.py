@@ -11,7 +11,7 @@
         W5A5 (and W4A4, W6A6) against mixed precision at each target, top-1 and top-1 agreement
         with FP32 on the evaluation split.
 
-Runs on whatever CPU is there; ONNX_MPTQ_NO_PROGRESS=1 hides the progress bars.
+Runs on whatever CPU is there; progress bars show when stderr is a terminal.
 
 Measured (2-core AMD EPYC VM shared with other jobs, onnxruntime 1.31 CPU, default config:
 candidates 4/5/6/8, subset 32, metric nmse):
@@ -53,7 +53,7 @@ def bench_deit(args: argparse.Namespace) -> dict:
     from onnx_mptq.export import export_timm
     from onnx_mptq.graph.analysis import analyze, prepare
     from onnx_mptq.graph.io import load_model
-    from onnx_mptq.pipeline import progress_enabled, smooth
+    from onnx_mptq.pipeline import resolve_progress, smooth
     from onnx_mptq.search.mixed import allocate_bits
 
     name = "deit_small_patch16_224"
@@ -74,11 +74,11 @@ def bench_deit(args: argparse.Namespace) -> dict:
     analysis = analyze(work, prepared=True)
     times["smooth_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.calib.tokens_per_layer,
-                                   seed=cfg.seed, progress=progress_enabled())
+    captured = capture_unit_inputs(work, analysis, data, cfg.runtime, tokens_per_layer=cfg.capture.tokens_per_layer,
+                                   seed=cfg.seed, progress=resolve_progress(None))
     times["capture_s"] = time.perf_counter() - t
     t, c = time.perf_counter(), time.process_time()
-    res = allocate_bits(work, analysis, captured, data, cfg, progress=progress_enabled())
+    res = allocate_bits(work, analysis, captured, data, cfg, progress=resolve_progress(None))
     times["allocate_s"] = time.perf_counter() - t
     cpu = time.process_time() - c
     load = os.getloadavg()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """onnx-mptq against ONNX Runtime's ``quantize_static`` on the real models (issue 4).
 
-    ONNX_MPTQ_NO_PROGRESS=1 python tools/bench_quant.py --markdown
+    python tools/bench_quant.py --markdown
     python tools/bench_quant.py --models mnist --limit-calib 200 --limit-eval 1000 --rows mptq-w8a8,ort-minmax-w8a8
 
 For every model (``cifar10``: cifar10-vit, ``mnist``: mnist-vit, both with the standard splits of
@@ -178,7 +178,7 @@ def _run_mptq(job: dict) -> dict:
 
     cfg = Config(quant=QuantConfig(w_bits=job["w_bits"], a_bits=job["a_bits"]),
                  runtime=RuntimeConfig(providers=Providers.CPU))
-    res = quantize(job["model"], job["calib"], cfg)
+    res = quantize(job["model"], job["calib"], cfg, progress=False)
     save_model(res.model, Path(job["out"]))
     twins = sum(1 for lp in res.plan.layers for q in lp.inputs if q.scheme.value == "twin")
     return {"timings": res.timings, "twin_quantizers": twins}
@@ -490,7 +490,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ONNX_MPTQ_NO_PROGRESS", "1")
     names = [n for n in args.models.split(",") if n]
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:

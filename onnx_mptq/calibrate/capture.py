@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -322,7 +321,7 @@ def capture_unit_inputs(
 
     tensors = sorted({t for u in units for t in u.inputs})
     fetched = [t for t in tensors if t not in graph_inputs]
-    from .session import make_session  # onnxruntime is imported when a session is made
+    from .session import make_session  # ORT loads when a capture runs, not when search/ is imported
 
     session = make_session(_with_outputs(model, fetched), runtime, optimize=True)
 
@@ -360,7 +359,7 @@ def capture_unit_inputs(
     chunk: int | None = None
     samples = batches = 0
     total = _batch_count(data)
-    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
+    quiet = not progress
     for batch in tqdm(data, total=total, desc="capture unit inputs", unit="batch", disable=quiet, leave=False):
         feeds = _batch_inputs(batch)
         missing = [n for n in session.input_names if n not in feeds]

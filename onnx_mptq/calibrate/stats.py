@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -122,8 +121,7 @@ def collect_channel_stats(
     progress: bool = True,
 ) -> CalibrationStats:
     """Per-channel mean/min/max/absmax of ``tensors`` over ``data`` (Batch objects or plain dicts
-    of input arrays). A progress bar shows unless ``progress`` is False or ONNX_MPTQ_NO_PROGRESS
-    is set.
+    of input arrays). A progress bar shows when ``progress`` is True.
 
     One session; each batch is reduced immediately (memory independent of the number of
     batches). Raises :class:`CalibrationError` when no sample was seen or a statistic is
@@ -135,11 +133,13 @@ def collect_channel_stats(
     from .session import make_session  # onnxruntime is imported when a session is made
 
     digest = graph_digest(model)
+    from .session import make_session  # ORT loads when statistics are collected, not at import
+
     session = make_session(_with_outputs(model, names), runtime, optimize=True)
     accs = {n: _Acc() for n in names}
     samples = 0
     total = getattr(data, "num_batches", None) or (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
+    quiet = not progress
     for batch in tqdm(data, total=total, desc="calibration statistics", unit="batch", disable=quiet, leave=False):
         inputs = batch.inputs if hasattr(batch, "inputs") else batch  # a Batch, or a plain dict of arrays
         feeds = {k: v for k, v in inputs.items() if k in session.input_names}

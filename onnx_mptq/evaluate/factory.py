@@ -34,8 +34,8 @@ EVAL_CHUNK_ELEMS = 1 << 21  # samples per evaluation run: the widest captured op
 def integer_evaluation(cfg: Config) -> bool:
     """Whether every quantizer this configuration can plan fits the integer evaluation graph
     (:func:`onnx_mptq.evaluate.fakequant.build_param_graph`): all but twin quantizers outside the
-    uint8 lattice, which only ``quant.optm_lattice = False`` searches."""
-    return not cfg.quant.optm or cfg.quant.optm_lattice
+    uint8 lattice, which only ``quant.optm.lattice = False`` searches."""
+    return not cfg.quant.optm.enabled or cfg.quant.optm.lattice
 
 
 def evaluation_graph(model: onnx.ModelProto, analysis: ModelAnalysis, cfg: Config) -> ParamGraph:

@@ -45,7 +45,7 @@ matmuls. The sum and split slots end in a float ``Add`` / ``Where``; the integer
 requantizes their value once more, ``y = DQ(Q(y0; s3, zp3); s3, zp3)``, which is exact for
 values on the grid of step ``s3``: the uniform quantizer's own step and zero point, or a twin
 quantizer's delta1 lattice (GELU: zp3 = n; Softmax: 0) where its codes fit uint8
-(:func:`onnx_mptq.numerics.twin.lattice_fits`, what ``quant.optm_lattice`` guarantees); a twin
+(:func:`onnx_mptq.numerics.twin.lattice_fits`, what ``quant.optm.lattice`` guarantees); a twin
 that does not fit is refused with :class:`PlanError` there (the float graph holds any). So the
 evaluation runs the deployed model's integer kernels: measured on a random-weight DeiT-S, one
 evaluation of the integer graph takes about half the float graph's time.
@@ -205,7 +205,7 @@ def act_values(aq: ActQuant, form: str, where: str = "operand", integer: bool = 
             lo, hi = twin_lattice_range(tp)
             raise PlanError(
                 f"{where}: its twin-region quantizer (m={tp.m}, {tp.bits} bits) spans {hi - lo + 1} codes of delta1, more "
-                f"than one uint8 lattice holds; the integer evaluation graph cannot run it (use quant.optm_lattice)")
+                f"than one uint8 lattice holds; the integer evaluation graph cannot run it (use quant.optm.lattice)")
         s3, zp3 = float(np.float32(tp.delta1)), -twin_lattice_range(tp)[0]
     return (*vals, np.array(s3, dtype=np.float32), np.array(zp3, dtype=np.uint8))
 

@@ -23,7 +23,7 @@ Sensitivity. How far the network's outputs move from FP32 on a calibration subse
 allows, :func:`onnx_mptq.evaluate.factory.subset_size`), measured with the whole network fake-quantized at the current
 assignment (``ParamEvaluator``: one ORT session whose quantization parameters are inputs; the
 integer graph of :func:`onnx_mptq.evaluate.fakequant.build_param_graph`, which runs the emitted
-model's integer kernels, unless ``quant.optm_lattice`` is off and twins outside the uint8
+model's integer kernels, unless ``quant.optm.lattice`` is off and twins outside the uint8
 lattice are possible). The
 metric (**choice**, settled by measurement) is the noise-to-signal ratio of the logits,
 ``nmse = sum (z - z_q)^2 / sum z^2`` (= 10^(-SQNR/10)); the method's KL of the softmaxes,
@@ -59,11 +59,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import heapq
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -73,7 +71,7 @@ import onnx
 from tqdm import tqdm
 
 from ..calibrate.capture import CapturedInputs, CaptureKind, TensorStats
-from ..config import Config, MixedConfig, ScaleMethod
+from ..config import Config, MixedConfig, Pin, ScaleMethod
 from ..errors import CalibrationError, ConfigError
 from ..graph.analysis import GELU_KINDS, Activation, ModelAnalysis, Role, Unit
 from ..numerics.quant import UniformParams, fake_quant, params_from_range
@@ -242,18 +240,10 @@ class _Budget:
         return self.target_bits is None or self.avg_a(a) <= self.target_bits
 
 
-def parse_pins(keep: Iterable[str]) -> list[tuple[int, str]]:
-    out = []
-    for k in keep:
-        bits, _, pattern = str(k).partition(":")
-        out.append((int(bits), pattern))
-    return out
-
-
-def pinned_bits(unit: Unit, pins: list[tuple[int, str]]) -> int | None:
-    for bits, pattern in pins:
-        if fnmatch.fnmatchcase(unit.name, pattern) or fnmatch.fnmatchcase(unit.role.value, pattern):
-            return bits
+def pinned_bits(unit: Unit, pins: Iterable[Pin]) -> int | None:
+    for pin in pins:
+        if pin.matches(unit.name, unit.role.value):
+            return pin.bits
     return None
 
 
@@ -321,23 +311,23 @@ class UnitQuantizers:
     def _acts(self, u: Unit, bits: int) -> tuple[ActQuant, ...]:
         q = self.cfg.quant
         sym = q.act_symmetric
-        method = ScaleMethod(q.scale_method)
-        grid = dict(grid_size=q.grid_size, low=q.grid_low, high=q.grid_high)
+        method = ScaleMethod(q.search.method)
+        grid = dict(grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
         cap = self.captured[u.name]
         stats = self.captured.operand_stats(u.name)
         if u.role is Role.PATCH_EMBED or cap.kind is CaptureKind.CONV:
-            p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.percentile)
+            p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.search.percentile)
             return (_uniform_record(u.inputs[0], p),)
         if method is not ScaleMethod.OUTPUT_MSE:
-            return tuple(_uniform_record(t, _range_params(st, bits, sym, method, q.percentile))
+            return tuple(_uniform_record(t, _range_params(st, bits, sym, method, q.search.percentile))
                          for t, st in zip(u.inputs, stats))
         if cap.kind is CaptureKind.ATTENTION:
             a, b = self._pairs(u)
             obj_a = _Proxy(a, np.sum(np.square(b, dtype=np.float64), axis=-1)[..., None, :])  # h (S, H, 1, K)
             pa = self._uniform(obj_a, stats[0], bits, sym)
             qa = _uniform_record(u.inputs[0], pa)
-            if (q.optm and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
-                    and _MIN_TWIN_BITS <= bits <= q.optm_max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
+            if (q.optm.enabled and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
+                    and _MIN_TWIN_BITS <= bits <= q.optm.max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
                 tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=twin_max_m(self.cfg, "softmax", bits), n_exact=1,
                                          refine_steps=0, **grid)
                 if obj_a(lambda v: twin_fake_quant(v, tp)) <= obj_a(lambda v: fake_quant(v, pa)):
@@ -348,7 +338,7 @@ class UnitQuantizers:
         x, w, obj = self._linear(u)
         up = self._uniform(obj, stats[0], bits, sym)
         act = _uniform_record(u.inputs[0], up)
-        if (q.optm and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm_max_bits
+        if (q.optm.enabled and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm.max_bits
                 and twin_max_m(self.cfg, "gelu", bits) >= 0):
             tp = search_twin(x, w, bits, "gelu", max_m=twin_max_m(self.cfg, "gelu", bits), n_exact=1, refine_steps=0, **grid)
             if obj(lambda v: twin_fake_quant(v, tp)) <= obj(lambda v: fake_quant(v, up)):
@@ -358,9 +348,9 @@ class UnitQuantizers:
     def _uniform(self, obj: "_Proxy", stats: TensorStats, bits: int, sym: bool) -> UniformParams:
         q = self.cfg.quant
         lo, hi = float(obj.operand.min()), float(obj.operand.max())
-        up = _grid_search(obj, lo, hi, bits, sym, q.grid_size, q.grid_low, q.grid_high)
-        return _best_of(obj, [up, _range_params(stats, bits, sym, ScaleMethod.MINMAX, q.percentile),
-                              _range_params(stats, bits, sym, ScaleMethod.PERCENTILE, q.percentile)])
+        up = _grid_search(obj, lo, hi, bits, sym, q.search.grid_size, q.search.grid_low, q.search.grid_high)
+        return _best_of(obj, [up, _range_params(stats, bits, sym, ScaleMethod.MINMAX, q.search.percentile),
+                              _range_params(stats, bits, sym, ScaleMethod.PERCENTILE, q.search.percentile)])
 
     def _pairs(self, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.captured[u.name].pairs  # type: ignore[misc]
@@ -441,7 +431,7 @@ def _ladder(cands: tuple[int, ...]) -> list[int]:
 def _check_feasible(budget: _Budget, w_low: Mapping[str, int], a_low: Mapping[str, int], cfg: Config) -> None:
     mixed = cfg.mixed
     cands = ", ".join(str(b) for b in _ladder(mixed.candidates))
-    pins = f" and pins {', '.join(mixed.keep)}" if mixed.keep else ""
+    pins = f" and pins {', '.join(map(str, mixed.keep))}" if mixed.keep else ""
     if mixed.target_bits is not None:
         aw, aa = budget.avg_w(w_low), budget.avg_a(a_low)
         if aw > mixed.target_bits or aa > mixed.target_bits:
@@ -483,9 +473,9 @@ def allocate_bits(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Cap
         max_age = max(MAX_AGE, len(start.items) // 2)
     if evaluator is None:
         evaluator = make_evaluator(model, analysis, captured, data, config, samples=mixed.subset,
-                                   metric=metric or mixed.metric, graph=graph)
+                                   metric=metric or mixed.metric.value, graph=graph)
     asg = _Assignment(analysis, budget, ladder, UnitQuantizers(analysis, captured, weights, config), start)
-    quiet = not progress or os.environ.get("ONNX_MPTQ_NO_PROGRESS", "") == "1"
+    quiet = not progress
     bar = _Progress(sum(1 for u, kind in start.items if asg.next_bits(asg.bits(kind, u)) is not None), asg.gap(),
                     disable=quiet)
     base, entries, table = _sensitivity_table(asg, evaluator, start.items, bar)
@@ -545,7 +535,7 @@ class _Start:
 def _start(analysis: ModelAnalysis, budget: _Budget, ladder: list[int], config: Config) -> _Start:
     top, low = ladder[0], ladder[-1]
     units = analysis.units
-    pins = parse_pins(config.mixed.keep)
+    pins = config.mixed.keep
     pinned = {u.name: b for u in units if (b := pinned_bits(u, pins)) is not None}
     w_bits = {u: pinned.get(u, top) for u in budget.params}
     a_bits: dict[str, int] = {u.name: pinned.get(u.name, top) for u in units}

@@ -8,7 +8,7 @@ twin quantizers and lost 0.13 points of top-1 agreement to all-uniform (BENCHMAR
 and each twin quantizer costs a second integer matmul at run time.
 
 :func:`select_twins` decides per operand on the whole network instead. On a seeded calibration
-subset (``quant.optm_subset`` samples, by default sized by compute like mixed precision's; :class:`onnx_mptq.evaluate.evaluator.ParamEvaluator`,
+subset (``quant.optm.subset`` samples, by default sized by compute like mixed precision's; :class:`onnx_mptq.evaluate.evaluator.ParamEvaluator`,
 one ORT session whose quantization parameters are inputs, nothing rebuilt) it measures the
 quantized logits ``z_q`` against the FP32 ones ``z`` by two distances::
 
@@ -22,7 +22,7 @@ error_twin`` first), switching one operand at a time. A switch is kept only wher
 all-uniform) clears ``z_family`` standard errors: a trade of logit error for a worse class
 distribution (or the reverse) is not a gain, and a change inside the subset's noise is not
 worth the twin's extra elementwise work (or, outside the uint8 lattice, a second matmul).
-``z_family`` is ``quant.optm_z`` (default 2) corrected for the number of comparisons made
+``z_family`` is ``quant.optm.z`` (default 2) corrected for the number of comparisons made
 (Bonferroni, :func:`onnx_mptq.numerics.metrics.family_z`: 3.1 for DeiT-S's 24 operands): with
 many operands each tested at z = 2, one of them passing by chance is likely, and measured on a
 random-weight DeiT-S at W4A4 such a pass (one fc2 twin, z between 2 and 3 on the 64 calibration
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -124,7 +123,7 @@ class TwinSelection:
     kl: float
     evaluations: int
     seconds: float
-    z: float = 2.0  # quant.optm_z, per comparison
+    z: float = 2.0  # quant.optm.z, per comparison
     z_family: float = 2.0  # the threshold applied: z corrected for the comparisons made
 
     @property
@@ -158,11 +157,11 @@ def significant_gain(before: Measure, after: Measure, uniform: Measure, z: float
 def make_evaluator(model: onnx.ModelProto, analysis: ModelAnalysis, captured: "CapturedInputs", data: Any,
                    config: Config) -> Any:
     """OPT-m's evaluator: :func:`onnx_mptq.evaluate.factory.make_evaluator` on
-    ``config.quant.optm_subset`` calibration samples (None: sized by compute,
+    ``config.quant.optm.subset`` calibration samples (None: sized by compute,
     :func:`onnx_mptq.evaluate.factory.subset_size`), measuring logit nmse (and KL from the logits)."""
     from ..evaluate.factory import make_evaluator as _make
 
-    return _make(model, analysis, captured, data, config, samples=config.quant.optm_subset, metric="nmse")
+    return _make(model, analysis, captured, data, config, samples=config.quant.optm.subset, metric="nmse")
 
 
 def select_twins(plan: QuantPlan, options: Mapping[str, TwinOption], evaluator: LogitSource, *,
@@ -200,7 +199,7 @@ def select_twins(plan: QuantPlan, options: Mapping[str, TwinOption], evaluator: 
     steps: list[TwinStep] = []
     order = sorted(options.values(), key=lambda o: -(o.error_uniform - o.error_twin))
     zf = family_z(z, len(order) + (1 if layerwise != uniform else 0))
-    quiet = not progress or os.environ.get("ONNX_MPTQ_NO_PROGRESS", "") == "1"
+    quiet = not progress
     with tqdm(total=len(order) + 2, desc="OPT-m choice", unit="eval", disable=quiet, leave=False) as bar:
         bar.update()
         if layerwise != uniform:

@@ -5,7 +5,7 @@ Per unit, with ``X`` its captured input rows ``(tokens, K)`` and ``W`` its effec
 weight (the stored constant, transposed where the graph transposes it or Gemm has ``transB``)::
 
     weight     per output channel n, symmetric:  min_s || X W_n - X Q_s(W_n) ||^2
-    activation per tensor (cfg.quant.scale_method):
+    activation per tensor (cfg.quant.search.method):
         mse         min_s || X W - Q_s(X) W_fq ||^2                (W_fq = the quantized weight)
                     over the grid of fractions of the captured min/max step, plus the minmax
                     and percentile quantizers below as extra candidates (the grid scales both
@@ -23,7 +23,7 @@ image, or the patch tensor of a MatMul patch embedding) is quantized at
 ``cfg.quant.input_bits`` and is also the plan's ``input_quant``; being held at a fixed precision it
 is left out of the activation average (``act_elems = 0``).
 
-OPT-m (``cfg.quant.optm``): fc2 inputs behind a GELU and operand 0 of ``P @ V`` (the softmax
+OPT-m (``cfg.quant.optm.enabled``): fc2 inputs behind a GELU and operand 0 of ``P @ V`` (the softmax
 probabilities) also get a twin-region quantizer searched by
 :func:`onnx_mptq.numerics.twin.search_twin` / :func:`search_twin_operand`; it replaces the
 uniform quantizer only when the unit's output error with it (all operands quantized) is not
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -254,12 +253,12 @@ def _best_of(objective: Callable[[FakeQuant], float], cands: list[UniformParams]
 
 
 def twin_max_m(cfg: Config, kind: str, bits: int) -> int:
-    """The largest m OPT-m searches for a ``kind`` operand at ``bits``: ``quant.optm_max_m``, and
-    with ``quant.optm_lattice`` no more than fits one uint8 lattice
+    """The largest m OPT-m searches for a ``kind`` operand at ``bits``: ``quant.optm.max_m``, and
+    with ``quant.optm.lattice`` no more than fits one uint8 lattice
     (:func:`onnx_mptq.numerics.twin.lattice_max_m`); -1: no twin quantizer."""
     q = cfg.quant
-    m = q.optm_max_m
-    if q.optm_lattice:
+    m = q.optm.max_m
+    if q.optm.lattice:
         m = min(m, lattice_max_m(kind, bits))
     return m
 
@@ -296,8 +295,8 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
                    elems: int) -> _UnitResult:
     q = cfg.quant
     sym = q.act_symmetric
-    method = ScaleMethod(q.scale_method)
-    grid = dict(grid_size=q.grid_size, low=q.grid_low, high=q.grid_high)
+    method = ScaleMethod(q.search.method)
+    grid = dict(grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
     notes: list[str] = [ops.note] if ops.note else []
     wp = search_weight_scales(ops.w_stored, wb, x=ops.x, axis=ops.w_axis)
     wq = WeightQuant(bits=wb, scales=tuple(float(s) for s in wp.scale))
@@ -305,14 +304,14 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
 
     obj = LinearObjective(ops.x, ops.w, w_fq) if ops.x is not None else None
     if obj is None or method is not ScaleMethod.OUTPUT_MSE:
-        up = _range_params(stats, ab, sym, ScaleMethod.MINMAX if obj is None else method, q.percentile)
+        up = _range_params(stats, ab, sym, ScaleMethod.MINMAX if obj is None else method, q.search.percentile)
     else:
-        up = search_activation_scale(ops.x, ops.w, ab, sym, w_fq=w_fq, method="mse", pct=q.percentile, **grid)
-        up = _best_of(obj, [up, *_range_candidates(stats, ab, sym, q.percentile)])
+        up = search_activation_scale(ops.x, ops.w, ab, sym, w_fq=w_fq, method="mse", pct=q.search.percentile, **grid)
+        up = _best_of(obj, [up, *_range_candidates(stats, ab, sym, q.search.percentile)])
     act = _uniform_record(unit.inputs[0], up)
 
-    if (q.optm and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
-            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits and twin_max_m(cfg, "gelu", ab) >= 0):
+    if (q.optm.enabled and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
+            and _MIN_TWIN_BITS <= ab <= q.optm.max_bits and twin_max_m(cfg, "gelu", ab) >= 0):
         ref = float(np.sum(np.square(ops.x @ ops.w, dtype=np.float64)))
         e_uni = obj(act_fake_quant(act))
         tp = search_twin(ops.x, ops.w, ab, "gelu", max_m=twin_max_m(cfg, "gelu", ab), w_fq=w_fq, **grid)
@@ -335,10 +334,10 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
 def _search_operand(a, b, which, bits, sym, method, stats, cfg, other_fq=None) -> UniformParams:
     q = cfg.quant
     if method is not ScaleMethod.OUTPUT_MSE:
-        return _range_params(stats, bits, sym, method, q.percentile)
-    p = search_matmul_operand_scale(a, b, which, bits, sym, other_fq=other_fq, grid_size=q.grid_size,
-                                    low=q.grid_low, high=q.grid_high, method="mse", pct=q.percentile)
-    return _best_of(OperandObjective(a, b, which, other_fq), [p, *_range_candidates(stats, bits, sym, q.percentile)])
+        return _range_params(stats, bits, sym, method, q.search.percentile)
+    p = search_matmul_operand_scale(a, b, which, bits, sym, other_fq=other_fq, grid_size=q.search.grid_size,
+                                    low=q.search.grid_low, high=q.search.grid_high, method="mse", pct=q.search.percentile)
+    return _best_of(OperandObjective(a, b, which, other_fq), [p, *_range_candidates(stats, bits, sym, q.search.percentile)])
 
 
 def _attention_error(a, b, qa: ActQuant, qb: ActQuant) -> float:
@@ -350,7 +349,7 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
                       elems: int) -> _UnitResult:
     q = cfg.quant
     sym = q.act_symmetric
-    method = ScaleMethod(q.scale_method)
+    method = ScaleMethod(q.search.method)
     a, b = ops.a, ops.b
     notes: list[str] = []
 
@@ -363,11 +362,11 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
     pa = _search_operand(a, b, 0, ab, sym, method, stats[0], cfg)
     qa = _uniform_record(unit.inputs[0], pa)
     qb, err = with_first(qa)
-    if (q.optm and unit.role is Role.ATTN_AV and unit.activation is Activation.SOFTMAX
-            and _MIN_TWIN_BITS <= ab <= q.optm_max_bits and twin_max_m(cfg, "softmax", ab) >= 0):
+    if (q.optm.enabled and unit.role is Role.ATTN_AV and unit.activation is Activation.SOFTMAX
+            and _MIN_TWIN_BITS <= ab <= q.optm.max_bits and twin_max_m(cfg, "softmax", ab) >= 0):
         ref = float(np.sum(np.square(np.matmul(a, b), dtype=np.float64)))
-        tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=twin_max_m(cfg, "softmax", ab), grid_size=q.grid_size,
-                                 low=q.grid_low, high=q.grid_high)
+        tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=twin_max_m(cfg, "softmax", ab), grid_size=q.search.grid_size,
+                                 low=q.search.grid_low, high=q.search.grid_high)
         qa_twin = _twin_record(unit.inputs[0], tp)
         qb_twin, err_twin = with_first(qa_twin)
         keep = err_twin <= err
@@ -441,7 +440,7 @@ def search_scales(
     layers: list[LayerPlan] = []
     notes: list[str] = []
     input_quant: ActQuant | None = None
-    quiet = not progress or bool(os.environ.get("ONNX_MPTQ_NO_PROGRESS"))
+    quiet = not progress
     for unit in tqdm(analysis.units, desc="scale search", unit="layer", disable=quiet, leave=False):
         wb, ab = per_unit.get(unit.name, (q.w_bits, q.a_bits))
         cap = captured[unit.name]
