@@ -98,8 +98,8 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     if config.smooth.alpha_search:
         samples = _layernorm_samples(prepared, analysis, data, config)
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model), samples=samples)
-    smoothed, report = apply_smoothing(prepared, splan, analysis, stats=stats)
-    return SmoothResult(smoothed, splan, report)
+    res = apply_smoothing(prepared, splan, analysis, stats=stats)
+    return SmoothResult(res.model, splan, res.report)
 
 
 def _layernorm_samples(prepared: onnx.ModelProto, analysis: ModelAnalysis, data: Any, config: Config) -> dict:
@@ -161,9 +161,9 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         timings["allocate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    options: dict = {}
-    plan = search_scales(work, analysis, captured, config, bits=bits, source_digest=source_digest, smoothing=splan,
-                         progress=progress_enabled(), twin_options=options)
+    searched = search_scales(work, analysis, captured, config, bits=bits, source_digest=source_digest, smoothing=splan,
+                             progress=progress_enabled())
+    plan, options = searched.plan, searched.twin_options
     timings["search_s"] = time.perf_counter() - t
     selection = None
     if options and config.quant.optm_select is OptmSelect.NETWORK:
@@ -175,7 +175,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
-    qmodel, ereport = emit_qdq(work, plan, analysis, _emit_options(config))
+    emitted = emit_qdq(work, plan, analysis)
+    qmodel, ereport = emitted.model, emitted.report
     validation = None
     if eval_data is not None:
         t = time.perf_counter()
@@ -185,19 +186,17 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection)
 
 
-def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
-                   options: Any = None) -> tuple[onnx.ModelProto, Any]:
-    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data.
-
-    ``options``: a :class:`onnx_mptq.passes.emit_qdq.EmitOptions` (default: the defaults)."""
-    from .passes.emit_qdq import EmitOptions, emit_qdq
+def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> Any:
+    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data: a
+    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written)."""
+    from .passes.emit_qdq import emit_qdq
     from .passes.smooth import apply_smoothing
 
     source = _as_model(model)
     plan.check_source(graph_digest(source), "plan")
     work = prepare(source)
     if plan.smoothing is not None:
-        work, _ = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True))
+        work = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True)).model
     work = prepare(work)
     digest = graph_digest(work)
     if digest != plan.model_digest:
@@ -210,7 +209,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis, options if options is not None else EmitOptions())
+    return emit_qdq(work, plan, analysis)
 
 
 def validate_against(qmodel: onnx.ModelProto, reference: onnx.ModelProto, data: Any, runtime: RuntimeConfig,
@@ -277,12 +276,6 @@ def _smooth_summary(res: SmoothResult, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _emit_options(config: Config) -> Any:
-    from .passes.emit_qdq import EmitOptions
-
-    return EmitOptions(weight_container=config.quant.weight_container)
-
-
 def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
     _check_output_path(inp, out)
     source = load_model(inp)
@@ -294,7 +287,11 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             raise PlanError(f"{args.plan}: no such plan file") from None
         try:
             plan = QuantPlan.from_json(text)
-            qmodel, _ = emit_from_plan(source, plan, _emit_options(config))
+            if getattr(args, "weight_container", None):  # an explicit flag overrides the plan's choice
+                plan = dataclasses.replace(plan, emission=dataclasses.replace(plan.emission,
+                                                                              weight_container=args.weight_container))
+            emitted = emit_from_plan(source, plan)
+            qmodel = emitted.model
         except PlanError as e:  # name the plan file
             raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
         validation = None

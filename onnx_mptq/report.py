@@ -80,7 +80,7 @@ def _float_graph(source: onnx.ModelProto, plan: QuantPlan):
 
     work = prepare(source)
     if plan.smoothing is not None:
-        work, _ = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True))
+        work = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True)).model
         work = prepare(work)
     if graph_digest(work) != plan.model_digest:
         return None, None
