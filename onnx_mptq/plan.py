@@ -27,7 +27,9 @@ would ignore, or that contradicts another, is a :class:`PlanError` naming the la
   range the old steps covered and derives the steps for the new bits
   (``s' = s qmax(step_bits) / qmax(bits)``; asymmetric activations re-fit their zero point over
   the same ``[lo, hi]``); a twin quantizer is refused (search again), because its ratio and split
-  depend on the bits.
+  depend on the bits. Whoever sets new steps by hand sets ``step_bits`` to the new bits as well.
+  Emission also refuses a weight whose grid clips most of it (more than half the entries beyond
+  ``qmax + 1/2`` steps: steps made for other bits; searched steps clip a few per cent at most).
 
 Version 1 documents (clip bounds stored, a twin's ``scale`` = delta1, no emission section) are
 upgraded on read: their clip bounds and twin fields must agree with what they duplicate, the
@@ -246,6 +248,14 @@ class WeightQuant:
         """float32 ``Qw(w)`` (channels along ``axis``)."""
         w, p = self._checked(w, axis)
         return fake_quant(w, p)
+
+    def clipped_fraction(self, w: np.ndarray, axis: int) -> float:
+        """The fraction of ``w``'s entries the grid clips: ``|w / s_c| > qmax + 1/2``."""
+        w, p = self._checked(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        with np.errstate(over="ignore"):
+            return float(np.mean(np.abs(w / p.scale.reshape(shape)) > np.float32(p.qmax + 0.5)))
 
     @classmethod
     def from_params(cls, p: UniformParams) -> "WeightQuant":

@@ -169,6 +169,9 @@ EMITTER_VERSION = 1
 #: (x86 AVX2 / AVX-512 without VNNI sums two adjacent u8 x s8 products with int16 saturation).
 U8S8_SAFE_CODE = 64
 
+#: A weight grid clipping more than this fraction of the weight is refused (steps made for other bits).
+MAX_CLIPPED = 0.5
+
 
 @dataclasses.dataclass(frozen=True)
 class EmittedUnit:
@@ -439,6 +442,13 @@ class _Emitter:
         if key in self.weight_dq:
             return self.weight_dq[key]
         scales = np.asarray(wq.scales, dtype=np.float32)
+        clipped = wq.clipped_fraction(w, axis)
+        if clipped > MAX_CLIPPED:
+            raise PlanError(
+                f"layer {unit.name}: field weight.scales: the {wq.bits}-bit grid clips {clipped:.0%} of the weight "
+                f"(scales made for other bits?); give scales for {wq.bits} bits, or set weight.step_bits to the bits "
+                f"they were made for and they are re-derived"
+            )
         codes = wq.codes(w, axis)  # int8, within qrange(bits, True)
         codes, zero_point = weight_codes(codes, self.options.weight_container)
         if codes.dtype == np.uint8:
