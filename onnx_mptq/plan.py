@@ -132,6 +132,16 @@ def _top(bits: int, symmetric: bool) -> int:
     return qrange(bits, symmetric)[1]
 
 
+def _check_bits(record: Any, where: str) -> None:
+    """``bits`` and ``step_bits`` (None: ``bits``) of a quantizer record are integers 2..8."""
+    if record.step_bits is None:
+        object.__setattr__(record, "step_bits", record.bits)
+    for field in ("bits", "step_bits"):
+        v = getattr(record, field)
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+            raise PlanError(f"{where}{field} must be 2..8, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ActQuant:
     """Quantizer of one activation operand of a unit (the tensor feeding it).
@@ -155,12 +165,7 @@ class ActQuant:
 
     def __post_init__(self) -> None:
         where = f"activation {self.tensor}"
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise PlanError(f"{where}: bits must be 2..8, got {self.bits!r}")
-        if self.step_bits is None:
-            object.__setattr__(self, "step_bits", self.bits)
-        elif isinstance(self.step_bits, bool) or not isinstance(self.step_bits, int) or not 2 <= self.step_bits <= 8:
-            raise PlanError(f"{where}: step_bits must be 2..8, got {self.step_bits!r}")
+        _check_bits(self, f"{where}: ")
         object.__setattr__(self, "scheme", Scheme(self.scheme))
         if self.scheme is Scheme.UNIFORM:
             if self.scale is None or not self.scale > 0:
@@ -216,12 +221,7 @@ class WeightQuant:
     step_bits: int | None = None  # the bits the scales were chosen for; None: bits
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise PlanError(f"weight bits must be 2..8, got {self.bits!r}")
-        if self.step_bits is None:
-            object.__setattr__(self, "step_bits", self.bits)
-        elif isinstance(self.step_bits, bool) or not isinstance(self.step_bits, int) or not 2 <= self.step_bits <= 8:
-            raise PlanError(f"weight step_bits must be 2..8, got {self.step_bits!r}")
+        _check_bits(self, "weight ")
         if not self.scales or not all(s > 0 for s in self.scales):
             raise PlanError("weight scales must be a non-empty list of positive numbers")
 

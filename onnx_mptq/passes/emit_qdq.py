@@ -158,6 +158,7 @@ from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import (ActQuant, Emission, LayerPlan, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
                     WeightContainer, WeightQuant, rederive_steps)
 from ..records import Record
+from .naming import UniqueNames
 
 log = logging.getLogger(__name__)
 
@@ -293,20 +294,12 @@ class _Emitter:
         self.view = GraphView(graph)
         self.tensors = graph.tensors()
         self.nodes = {n.name: n for n in graph.nodes}
-        self.used_names: set[str] = set(self.tensors) | set(self.nodes)
+        self.name = UniqueNames(graph)  # name(base): a fresh tensor / node name
         self.added: Counter[str] = Counter()
         self.act_q: dict[tuple[str, ActQuant], list[gs.Tensor]] = {}
         self.weight_dq: dict[tuple, gs.Tensor] = {}
 
-    # names ----------------------------------------------------------------------------------
-    def name(self, base: str) -> str:
-        cand, k = base, 1
-        while cand in self.used_names:
-            cand = f"{base}_{k}"
-            k += 1
-        self.used_names.add(cand)
-        return cand
-
+    # tensors and nodes ----------------------------------------------------------------------
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.name(base), np.asarray(value))
 

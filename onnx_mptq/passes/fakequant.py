@@ -72,6 +72,7 @@ from ..numerics.quant import qrange
 from ..numerics.twin import lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from .emit_qdq import WeightContainer, weight_codes
+from .naming import UniqueNames
 
 log = logging.getLogger(__name__)
 
@@ -270,16 +271,8 @@ def slot_form(unit: Unit, operand: int) -> str:
 class _Builder:
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self.name = UniqueNames(graph)  # name(base): a fresh tensor / node name
         self.new_nodes: list[gs.Node] = []
-
-    def name(self, base: str) -> str:
-        cand, k = base, 1
-        while cand in self.used:
-            cand = f"{base}_{k}"
-            k += 1
-        self.used.add(cand)
-        return cand
 
     def scalar_input(self, name: str) -> gs.Variable:
         param = name.rsplit("/", 1)[-1]

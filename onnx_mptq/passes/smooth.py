@@ -78,6 +78,7 @@ from ..numerics.smoothing import (
 )
 from ..plan import FoldMode, SmoothedNorm, SmoothingPlan
 from ..records import Record
+from .naming import UniqueNames
 
 log = logging.getLogger(__name__)
 
@@ -354,20 +355,6 @@ def plan_smoothing(
 # surgery
 
 
-class _Names:
-    """Fresh tensor/node names, never colliding with existing ones."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
 @dataclasses.dataclass
 class _ConstEdit:
     """Replace the constant read by ``node.inputs[index]`` with ``value`` (in the layout the node
@@ -476,7 +463,7 @@ def _shaped_like(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
 
 def _linear_edits(view: GraphView, unit: Unit, node: gs.Node, unit_bias_node: gs.Node | None, mu: np.ndarray,
-                  eps: np.ndarray, names: _Names) -> list:
+                  eps: np.ndarray, names: UniqueNames) -> list:
     """Scale the weight rows by eps and add mu @ W to the bias of one Linear."""
     edits: list = []
     w = unit.effective_weight(view)  # (K, N)
@@ -511,7 +498,7 @@ def _linear_edits(view: GraphView, unit: Unit, node: gs.Node, unit_bias_node: gs
 
 
 def _layernorm_edits(view: GraphView, nodes: dict[str, gs.Node], ln: LayerNormInfo, mu: np.ndarray, eps: np.ndarray,
-                     names: _Names) -> list:
+                     names: UniqueNames) -> list:
     c = mu.shape[0]
     if ln.form == "op":
         node = nodes[ln.name]
@@ -536,7 +523,7 @@ def _layernorm_edits(view: GraphView, nodes: dict[str, gs.Node], ln: LayerNormIn
     ]
 
 
-def _apply_edit(graph: gs.Graph, edit, names: _Names) -> int:
+def _apply_edit(graph: gs.Graph, edit, names: UniqueNames) -> int:
     """Perform one edit; returns the number of nodes added."""
     if isinstance(edit, _ConstEdit):
         if edit.head is not None:
@@ -659,7 +646,7 @@ def apply_smoothing(
         raise PlanError(
             f"the smoothing plan was made for another model (plan digest {plan.source_digest}, model digest {digest})"
         )
-    names = _Names(graph)
+    names = UniqueNames(graph)
     claimed: dict[str, str] = {}
 
     # 1. compute every edit from the unmodified graph
