@@ -379,9 +379,10 @@ def _rederive_act(aq: ActQuant, where: str, notes: list[str]) -> ActQuant:
         raise PlanError(f"{where}: bits is {aq.bits} but the twin-region steps (delta1, m, split) were chosen for "
                         f"step_bits {aq.step_bits}; search the layer again for {aq.bits} bits, or set bits back")
     try:
-        old = UniformParams(np.float32(aq.scale), np.int32(aq.zero_point), int(aq.step_bits), aq.symmetric)  # type: ignore[arg-type]
-    except ValueError as e:
+        old = dataclasses.replace(aq, bits=aq.step_bits).params()  # the grid the step was chosen for
+    except PlanError as e:
         raise PlanError(f"{where}: {e} (at step_bits {aq.step_bits})") from None
+    assert isinstance(old, UniformParams)
     s = float(old.scale)
     lo, hi = (old.qmin - int(aq.zero_point)) * s, (old.qmax - int(aq.zero_point)) * s  # the old grid's range
     p = params_from_range(-hi, hi, aq.bits, True) if aq.symmetric else params_from_range(lo, hi, aq.bits, False)
@@ -431,7 +432,7 @@ def _upgrade_act(aq: Any, where: str) -> None:
     against what they duplicate, then dropped."""
     if not isinstance(aq, dict):
         return
-    where = f"{where}: activation {aq.get('tensor')}"
+    layer, where = where, f"{where}: activation {aq.get('tensor')}"
     clip = (aq.pop("clip_min", None), aq.pop("clip_max", None))
     try:
         if aq.get("scheme", "uniform") == Scheme.TWIN.value:
@@ -447,10 +448,12 @@ def _upgrade_act(aq: Any, where: str) -> None:
             n = p.levels
             bounds = ((-n * p.delta1 if p.kind == "gelu" else 0.0), n * p.delta2)
         else:
-            up = UniformParams(np.float32(aq.get("scale", 1.0)), np.int32(aq.get("zero_point", 0)), aq["bits"],
-                               bool(aq.get("symmetric", False)))
-            lo, hi = dequantized_bounds(up)
+            up = ActQuant(tensor=str(aq.get("tensor")), bits=aq["bits"], symmetric=bool(aq.get("symmetric", False)),
+                          scale=aq.get("scale", 1.0), zero_point=aq.get("zero_point", 0)).params()
+            lo, hi = dequantized_bounds(up)  # type: ignore[arg-type]
             bounds = (float(lo), float(hi))
+    except PlanError as e:  # from the record: names the tensor
+        raise PlanError(f"{layer}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"{where}: {e}") from None
     if clip == (0.0, 0.0) or clip == (None, None):  # never set (the version 1 defaults)

@@ -230,16 +230,15 @@ def _act_values(aq: ActQuant, form: str, where: str) -> tuple[np.ndarray, ...]:
     kind = aq.twin_kind.value if aq.twin_kind is not None else None
     if form == "uniform" or (form == "sum" and kind != "gelu"):
         raise PlanError(f"{where}: a {kind} twin-region quantizer on an operand the graph quantizes with the {form} form")
-    n = 2 ** (aq.bits - 1) - 1
-    d1 = float(np.float32(aq.delta1))
-    d2 = float(np.float32(d1 * 2.0 ** int(aq.m)))  # exact power-of-two multiple
+    try:
+        tp = aq.params()
+    except PlanError as e:
+        raise PlanError(f"{where}: {e}") from None
+    n, d1, d2 = tp.levels, tp.delta1, tp.delta2  # delta2: an exact power-of-two multiple of the float32 delta1
     if kind == "gelu":
         regions = (*_region(d1, n, 0, n), *_region(d2, 0, 0, n))
         return regions if form == "sum" else (np.array(0.0, dtype=np.float32), *regions)
-    if kind == "softmax":
-        t = d1 * 2 ** (aq.bits - 1) if aq.split is None else aq.split
-        return (np.array(t, dtype=np.float32), *_region(d1, 0, 0, n), *_region(d2, 0, 0, n))
-    raise PlanError(f"{where}: unknown twin kind {kind!r}")
+    return (np.array(tp.split, dtype=np.float32), *_region(d1, 0, 0, n), *_region(d2, 0, 0, n))
 
 
 def quantize_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> tuple[np.ndarray, np.ndarray]:

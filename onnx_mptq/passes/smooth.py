@@ -467,7 +467,6 @@ def _linear_edits(view: GraphView, unit: Unit, node: gs.Node, unit_bias_node: gs
     """Scale the weight rows by eps and add mu @ W to the bias of one Linear."""
     edits: list = []
     w = unit.effective_weight(view)  # (K, N)
-    trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) != 0
     if node.op == "Gemm":
         alpha_g = float(node.attrs.get("alpha", 1.0))
         beta_g = float(node.attrs.get("beta", 1.0))
@@ -492,7 +491,7 @@ def _linear_edits(view: GraphView, unit: Unit, node: gs.Node, unit_bias_node: gs
         else:
             w_new, b_new = fold_linear(w, None, mu, eps)
             edits.append(_BiasAdd(node, b_new, names(f"{node.name}.sqb_bias")))
-    stored = w_new.T if trans_b else w_new
+    stored = unit.effective(w_new)  # back to the layout the node reads: (K, N), or (N, K) for transB (its own inverse)
     edits.insert(0, _const_edit(view, node, 1, stored, names(f"{node.name}.sqb_weight")))
     return edits
 
