@@ -298,6 +298,10 @@ class _Emitter:
         self.added: Counter[str] = Counter()
         self.act_q: dict[tuple[str, ActQuant], list[gs.Tensor]] = {}
         self.weight_dq: dict[tuple, gs.Tensor] = {}
+        # the added nodes, built with Graph.layer in a graph of their own (layer() walks its graph's
+        # tensors on every call: on the model's graph that is quadratic in the model size); they join
+        # the model's graph in _export, in the order they were made
+        self.built = gs.Graph(opset=graph.opset)
 
     # tensors and nodes ----------------------------------------------------------------------
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
@@ -308,7 +312,7 @@ class _Emitter:
 
     def node(self, op: str, base: str, inputs, outputs, kind: str, **attrs) -> None:
         """Append a node (``Graph.layer``) named uniquely from ``base``; counted as ``kind``."""
-        self.graph.layer(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
+        self.built.layer(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
         self.added[kind] += 1
 
     # activations ----------------------------------------------------------------------------
@@ -676,8 +680,9 @@ def _emit_input_quant(em: _Emitter, graph: gs.Graph, input_quant: ActQuant) -> s
 
 def _export(em: _Emitter, graph: gs.Graph, named: onnx.ModelProto, replaced_weights: list[gs.Tensor],
             marker: str) -> onnx.ModelProto:
-    """Drop the float weights nothing reads any more, sort, export into a copy of ``named`` with
-    the marker, and check the result."""
+    """Add the built nodes, drop the float weights nothing reads any more, sort, export into a copy
+    of ``named`` with the marker, and check the result."""
+    graph.nodes.extend(em.built.nodes)
     for w in replaced_weights:
         em.drop_dead_chain(w)
     graph.toposort()
