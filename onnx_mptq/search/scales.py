@@ -1,4 +1,4 @@
-"""Scale search: a :class:`QuantPlan` with every unit's steps, zero points, clip ranges and OPT-m
+"""Scale search: a :class:`QuantPlan` with every unit's steps, zero points and OPT-m
 twin quantizers, chosen on captured calibration inputs (method.md section 3).
 
 Per unit, with ``X`` its captured input rows ``(tokens, K)`` and ``W`` its effective ``(K, N)``
