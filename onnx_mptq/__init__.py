@@ -5,7 +5,7 @@ The public surface::
     onnx_mptq.quantize(model, calib, config)   -> QuantizeResult(model, plan, validation, ...)
     onnx_mptq.write_report(dir, result)        -> a Markdown + JSON + plots report of a result
     onnx_mptq.smooth(model, calib, config)     -> SmoothResult(model, plan, report)
-    onnx_mptq.emit_from_plan(model, plan)      -> (QDQ model, emit report)
+    onnx_mptq.emit_from_plan(model, plan)      -> EmitResult (QDQ model, emit report, re-derived steps)
     onnx_mptq.analyze(model)                   -> ModelAnalysis
     onnx_mptq.evaluate(model, data, runtime, reference=...) -> EvaluationReport
 """

@@ -58,6 +58,9 @@ CONFIG_FILE_ONLY = frozenset({
     "quant.optm.max_m",
     "quant.optm.subset",
     "quant.optm.z",
+    "quant.emission.symmetric_container",
+    "quant.emission.range_form",
+    "quant.emission.twin_form",
     "mixed.subset",
     "mixed.metric",
 })
@@ -378,7 +381,7 @@ def _smooth_summary(res: Any, out: Path) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .graph.io import load_model, save_model, write_text_atomic
-    from .pipeline import emit_from_plan, emit_options, quantize, validate_against
+    from .pipeline import emit_from_plan, quantize, validate_against
 
     inp, out = Path(args.model), Path(args.output)
     files = [out] + ([Path(args.plan_out)] if args.plan_out else [])
@@ -394,7 +397,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if args.plan:
             plan = _read_plan(Path(args.plan))
             try:
-                qmodel, _ = emit_from_plan(source, plan, emit_options(config))
+                container = getattr(args, "quant.emission.weight_container", None)
+                if container is not None:  # an explicit flag overrides the plan's choice
+                    plan = dataclasses.replace(plan, emission=dataclasses.replace(
+                        plan.emission, weight_container=WeightContainer(container)))
+                qmodel = emit_from_plan(source, plan).model
             except PlanError as e:  # name the plan file
                 raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
             validation = (validate_against(qmodel, source, eval_ds, config.runtime, progress=progress)

@@ -29,7 +29,7 @@ import typing
 from typing import Any
 
 from .errors import ConfigError, quote
-from .plan import WeightContainer
+from .plan import Emission, RangeForm, SymmetricContainer, TwinForm, WeightContainer
 
 
 class Providers(str, enum.Enum):
@@ -210,9 +210,20 @@ class EmissionConfig:
     """How the chosen quantizers are written into the QDQ model (passes/emit_qdq.py)."""
 
     weight_container: WeightContainer = WeightContainer.AUTO
+    # the QDQ forms (plan.Emission documents each); the defaults are what ORT fuses best
+    symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
+    range_form: RangeForm = RangeForm.INTEGER
+    twin_form: TwinForm = TwinForm.AUTO
 
     def __post_init__(self) -> None:
         _enum(self, "weight_container", WeightContainer, "quant.emission.weight_container")
+        _enum(self, "symmetric_container", SymmetricContainer, "quant.emission.symmetric_container")
+        _enum(self, "range_form", RangeForm, "quant.emission.range_form")
+        _enum(self, "twin_form", TwinForm, "quant.emission.twin_form")
+
+    def record(self) -> Emission:
+        """The plan's record of these choices (what emission reads)."""
+        return Emission(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .graph.io import graph_digest, load_model
 from .plan import QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
-    from .passes.emit_qdq import EmitOptions, EmitReport
+    from .passes.emit_qdq import EmitReport, EmitResult
     from .passes.smooth import SmoothReport
     from .search.mixed import AllocationResult
     from .search.optm import TwinSelection
@@ -143,8 +143,8 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     if config.smooth.alpha_search:
         samples = _layernorm_samples(prepared, analysis, data, config, show)
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model), samples=samples)
-    smoothed, report = apply_smoothing(prepared, splan, analysis, stats=stats)
-    return SmoothResult(smoothed, splan, report)
+    res = apply_smoothing(prepared, splan, analysis, stats=stats)
+    return SmoothResult(res.model, splan, res.report)
 
 
 def _layernorm_samples(prepared: onnx.ModelProto, analysis: ModelAnalysis, data: Any, config: Config,
@@ -211,9 +211,9 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         timings["allocate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    options: dict = {}
-    plan = search_scales(work, analysis, captured, config, bits=bits, source_digest=source_digest, smoothing=splan,
-                         progress=show, twin_options=options)
+    searched = search_scales(work, analysis, captured, config, bits=bits, source_digest=source_digest, smoothing=splan,
+                             progress=show)
+    plan, options = searched.plan, searched.twin_options
     timings["search_s"] = time.perf_counter() - t
     selection = None
     if options and config.quant.optm.select is OptmSelect.NETWORK:
@@ -225,7 +225,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
-    qmodel, ereport = emit_qdq(work, plan, analysis, emit_options(config))
+    emitted = emit_qdq(work, plan, analysis)
+    qmodel, ereport = emitted.model, emitted.report
     eval_ds = None
     validation = None
     if eval_data is not None:
@@ -283,26 +284,17 @@ def packed_size_mb(plan: QuantPlan, model: onnx.ModelProto) -> float:
     return (wbits / 8 + 4 * channels + 4 * max(floats - welems, 0)) / 1e6
 
 
-def emit_options(config: Config) -> EmitOptions:
-    """The emission options the config asks for (``quant.emission``)."""
-    from .passes.emit_qdq import EmitOptions
-
-    return EmitOptions(weight_container=config.quant.emission.weight_container.value)
-
-
-def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
-                   options: EmitOptions | None = None) -> tuple[onnx.ModelProto, EmitReport]:
-    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data.
-
-    ``options``: a :class:`onnx_mptq.passes.emit_qdq.EmitOptions` (default: the defaults)."""
-    from .passes.emit_qdq import EmitOptions, emit_qdq
+def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> EmitResult:
+    """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data: a
+    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written)."""
+    from .passes.emit_qdq import emit_qdq
     from .passes.smooth import apply_smoothing
 
     source = _as_model(model)
     plan.check_source(graph_digest(source), "plan")
     work = prepare(source)
     if plan.smoothing is not None:
-        work, _ = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True))
+        work = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True)).model
     work = prepare(work)
     digest = graph_digest(work)
     if digest != plan.model_digest:
@@ -315,7 +307,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis, options if options is not None else EmitOptions())
+    return emit_qdq(work, plan, analysis)
 
 
 def _eval_source(data: Any, reference: onnx.ModelProto, batch_size: int):

@@ -60,9 +60,8 @@ def test_every_gelu_form_is_found_and_gets_an_optm_option(act: str, kind: Activa
     assert {u.activation for u in a.by_role(Role.FC2)} == {kind}
     cap = capture_unit_inputs(m, a, [{"input": random_images(8, seed=3)}], RuntimeConfig(), tokens_per_layer=64,
                               progress=False)
-    options: dict = {}
-    search_scales(m, a, cap, Config(quant=QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=10))), source_digest=a.model_digest,
-                  progress=False, twin_options=options)
+    options = search_scales(m, a, cap, Config(quant=QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=10))),
+                            source_digest=a.model_digest, progress=False).twin_options
     assert {n for n, o in options.items() if o.kind == "gelu"} == {u.name for u in a.by_role(Role.FC2)}
     # a ReLU MLP gets none (only the softmax operands)
     r = analyze(tiny_vit(act="relu"))

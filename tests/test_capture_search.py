@@ -19,7 +19,9 @@ from onnx_mptq.config import Config, OptmConfig, QuantConfig, RuntimeConfig, Sca
 from onnx_mptq.errors import CalibrationError, ConfigError
 from onnx_mptq.graph.analysis import GELU_KINDS, Role, analyze
 from onnx_mptq.plan import QuantPlan, Scheme
-from onnx_mptq.search.scales import ConvGeometry, im2col, layer_output_errors, search_scales
+from onnx_mptq.numerics.conv import ConvGeometry, im2col
+from onnx_mptq.numerics.quant import dequantized_bounds
+from onnx_mptq.search.scales import layer_output_errors, search_scales
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-vit"
 RT = RuntimeConfig(threads=1)
@@ -142,8 +144,9 @@ def test_im2col_matches_onnxruntime_conv():
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    g = ConvGeometry(kernel=(3, 2), strides=(2, 3), pads=(1, 0, 2, 1), dilations=(2, 1))
-    cols = im2col(x, g)  # (2 * OH * OW, 3 * 3 * 2)
+    g = ConvGeometry(strides=(2, 3), pads=(1, 0, 2, 1), dilations=(2, 1))
+    cols = im2col(x, (3, 2), g)  # (2 * OH * OW, 3 * 3 * 2)
+    assert cols.dtype == np.float32 and cols.shape == (2 * y.shape[2] * y.shape[3], 3 * 3 * 2)
     out = (cols @ w.reshape(5, -1).T).reshape(2, y.shape[2], y.shape[3], 5).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-5)
 
@@ -157,18 +160,19 @@ def test_tiny_plan_covers_units_round_trips_and_honours_bits():
     analysis = analyze(model)
     cap = capture_unit_inputs(model, analysis, _batches(random_images(32, seed=2), 8), RT, progress=False)
     cfg = _cfg(4, grid_size=40)
-    plan = search_scales(model, analysis, cap, cfg, source_digest="src", progress=False)
+    plan = search_scales(model, analysis, cap, cfg, source_digest="src", progress=False).plan
     assert [lp.unit for lp in plan.layers] == [u.name for u in analysis.units]
     assert QuantPlan.from_json(plan.to_json()) == plan
-    assert search_scales(model, analysis, cap, cfg, source_digest="src", progress=False).to_json() == plan.to_json()
+    assert search_scales(model, analysis, cap, cfg, source_digest="src", progress=False).plan.to_json() == plan.to_json()
     assert plan.model_digest == analysis.model_digest and plan.source_digest == "src"
     for u, lp in zip(analysis.units, plan.layers):
         assert lp.role == u.role.value
         assert [q.tensor for q in lp.inputs] == list(u.inputs)
         for q in lp.inputs:
-            if q.scheme is Scheme.UNIFORM:
-                assert q.clip_min <= 0.0 <= q.clip_max
-                assert q.clip_max - q.clip_min == pytest.approx(q.scale * (2 ** q.bits - 1 - (q.symmetric)), rel=1e-6)
+            if q.scheme is Scheme.UNIFORM:  # the grid holds 0; its range is derived, not stored
+                lo, hi = dequantized_bounds(q.params())
+                assert lo <= 0.0 <= hi
+                assert hi - lo == pytest.approx(q.scale * (2 ** q.bits - 1 - (q.symmetric)), rel=1e-6)
         if u.role in (Role.ATTN_QK, Role.ATTN_AV):
             assert lp.weight is None and lp.params == 0 and len(lp.inputs) == 2
         else:
@@ -183,7 +187,7 @@ def test_tiny_plan_covers_units_round_trips_and_honours_bits():
     assert list(errs) == [u.name for u in analysis.units] and all(0.0 <= e < 1.0 for e in errs.values())
     # per-unit bits: fc2 at 8/2 (a 2-bit input gets no twin quantizer), everything else at 4
     fc2 = analysis.by_role(Role.FC2)[0]
-    mixed = search_scales(model, analysis, cap, cfg, bits={fc2.name: (8, 2)}, source_digest="src", progress=False)
+    mixed = search_scales(model, analysis, cap, cfg, bits={fc2.name: (8, 2)}, source_digest="src", progress=False).plan
     lp = mixed.layer(fc2.name)
     assert lp.w_bits == 8 and lp.a_bits == 2 and lp.inputs[0].scheme is Scheme.UNIFORM
     assert mixed.avg_weight_bits > 4.0 and mixed.avg_activation_bits < 4.0
@@ -195,7 +199,7 @@ def test_relu_inputs_stay_uniform():
     model = tiny_vit(act="relu")
     analysis = analyze(model)
     cap = capture_unit_inputs(model, analysis, _batches(random_images(16, seed=4), 8), RT, progress=False)
-    plan = search_scales(model, analysis, cap, _cfg(4, grid_size=30), source_digest="s", progress=False)
+    plan = search_scales(model, analysis, cap, _cfg(4, grid_size=30), source_digest="s", progress=False).plan
     for u in analysis.by_role(Role.FC2):
         assert plan.layer(u.name).inputs[0].scheme is Scheme.UNIFORM
         assert not any(n.startswith(f"optm {u.name}:") for n in plan.notes)
@@ -216,7 +220,7 @@ def mnist():
     model = onnx.load(str(model_path))
     analysis = analyze(model)
     cap = capture_unit_inputs(model, analysis, _batches(x, 32), RT, tokens_per_layer=1024, progress=False)
-    plan = search_scales(model, analysis, cap, _cfg(4), source_digest="mnist", progress=False)
+    plan = search_scales(model, analysis, cap, _cfg(4), source_digest="mnist", progress=False).plan
     return model, analysis, cap, plan
 
 
@@ -241,7 +245,7 @@ def test_mnist_mse_beats_minmax_at_4_bits(mnist):
     sub = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.block in (0, 1) or u.role is Role.HEAD))
     errs = {}
     for method in ("minmax", "mse"):
-        plan = search_scales(model, sub, cap, _cfg(4, method, optm=False), source_digest="m", progress=False)
+        plan = search_scales(model, sub, cap, _cfg(4, method, optm=False), source_digest="m", progress=False).plan
         errs[method] = layer_output_errors(model, sub, cap, plan)
     ratios = []
     for u in sub.units:

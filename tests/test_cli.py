@@ -179,6 +179,7 @@ def test_hand_edited_plan_changes_one_layer(files, capsys):
     target = next(lp for lp in doc["layers"] if lp["role"] == "fc1")
     target["weight"]["bits"] = 4
     target["weight"]["scales"] = [s * 127 / 7 for s in target["weight"]["scales"]]  # same range, 4-bit grid
+    target["weight"]["step_bits"] = 4  # the scales are now made for 4 bits (else they are re-derived)
     edited = files["out"].parent / "edited.json"
     edited.write_text(json.dumps(doc, indent=1))
     q4 = files["out"] / "q4.onnx"

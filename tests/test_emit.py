@@ -33,13 +33,12 @@ from onnx_mptq.config import Providers, RuntimeConfig
 from onnx_mptq.errors import PlanError, UnsupportedModelError
 from onnx_mptq.graph.analysis import GraphView, ModelAnalysis, Role, analyze
 from onnx_mptq.graph.io import assign_node_names, save_model
-from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, qrange, weight_params
+from onnx_mptq.numerics.quant import params_from_range, qrange, weight_params
 from onnx_mptq.numerics.twin import fixed_ratio_twin, lattice_fits
-from onnx_mptq.passes.emit_qdq import (
-    MARKER_KEY, U8S8_SAFE_CODE, EmitOptions, EmitReport, TwinForm, WeightContainer, emit_qdq, twin_params, weight_codes,
-)
+from onnx_mptq.passes.emit_qdq import MARKER_KEY, U8S8_SAFE_CODE, EmitReport, emit_qdq, weight_codes
 from onnx_mptq.passes.simulate import ConvGeometry, simulate_unit
-from onnx_mptq.plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
+from onnx_mptq.plan import (ActQuant, Emission, LayerPlan, QuantPlan, Scheme, TwinForm, TwinKind, WeightContainer,
+                            WeightQuant)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_DIR = SHARED / "mnist-vit"
@@ -88,18 +87,15 @@ class Weights:
 
     def __call__(self, unit):
         node = self.nodes[unit.name]
-        w = np.asarray(self.view.const(node.inputs[1]), np.float32)
-        if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-            w = w.T
+        w = unit.weight_as_read(self.view)
+        if unit.op_type != "Conv":
+            w = unit.effective(w)  # (K, N)
         b = None if unit.bias is None else np.asarray(self.view.const(self.view.tensors[unit.bias]), np.float32)
         return w, b, dict(node.attrs)
 
 
 def act_quant(tensor: str, lo: float, hi: float, bits: int, symmetric: bool) -> ActQuant:
-    p = params_from_range(lo, hi, bits, symmetric)
-    cl, ch = dequantized_bounds(p)
-    return ActQuant(tensor=tensor, bits=bits, symmetric=symmetric, scale=float(p.scale),
-                    zero_point=int(p.zero_point), clip_min=float(cl), clip_max=float(ch))
+    return ActQuant.from_params(tensor, params_from_range(lo, hi, bits, symmetric))
 
 
 def twin_quant(tensor: str, x: np.ndarray, bits: int, kind: str) -> ActQuant:
@@ -149,8 +145,14 @@ def minmax_plan(model: onnx.ModelProto, analysis: ModelAnalysis, feeds_list: lis
                      input_quant=input_quant)
 
 
+def emit(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis, emission: Emission | None = None):
+    """(model, report) of ``emit_qdq``, with the plan's emission section replaced when given."""
+    res = emit_qdq(model, plan if emission is None else dataclasses.replace(plan, emission=emission), analysis)
+    return res.model, res.report
+
+
 def operand_step(aq: ActQuant) -> float:
-    return twin_params(aq).delta1 if aq.scheme is Scheme.TWIN else aq.scale
+    return aq.params().delta1 if aq.scheme is Scheme.TWIN else aq.scale
 
 
 def check_units_against_reference(model, quantized, plan, analysis, feeds, optimize: bool) -> dict[str, float]:
@@ -180,7 +182,7 @@ def check_units_against_reference(model, quantized, plan, analysis, feeds, optim
     return ratios
 
 
-def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: EmitOptions = EmitOptions()) -> dict[str, int]:
+def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: Emission = Emission()) -> dict[str, int]:
     """Q/DQ/Clip nodes the plan calls for, counted independently of the emitter."""
     groups: dict[tuple, ActQuant] = {}
     for lp in plan.layers:
@@ -191,8 +193,8 @@ def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: EmitOptio
             groups[(t, aq)] = aq
     q = clip = where = 0
     for aq in groups.values():
-        if aq.scheme is Scheme.TWIN and options.twin_form is not TwinForm.SPLIT and lattice_fits(twin_params(aq)):
-            tp = twin_params(aq)
+        if aq.scheme is Scheme.TWIN and options.twin_form is not TwinForm.SPLIT and lattice_fits(aq.params()):
+            tp = aq.params()
             if tp.kind == "gelu":  # LeakyRelu, Q, Clip, DQ (region codes), LeakyRelu, Q (lattice), DQ
                 q += 1 if tp.m == 0 else 2  # one DQ per Q
                 clip += 1
@@ -213,10 +215,10 @@ def expected_counts(plan: QuantPlan, analysis: ModelAnalysis, options: EmitOptio
             "weights": len(weights)}
 
 
-def split_twins(plan: QuantPlan, options: EmitOptions = EmitOptions()) -> int:
+def split_twins(plan: QuantPlan, options: Emission = Emission()) -> int:
     """Twin operands emitted in the split form (a second matmul each)."""
     return sum(1 for lp in plan.layers for a in lp.inputs if a.scheme is Scheme.TWIN
-               and (options.twin_form is TwinForm.SPLIT or not lattice_fits(twin_params(a))))
+               and (options.twin_form is TwinForm.SPLIT or not lattice_fits(a.params())))
 
 
 def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -254,7 +256,7 @@ CASES = {
     "w4a4_twin_split": dict(w_bits=4, a_bits=4, twin_roles=("fc2", "attn_av")),
     "w5a5_twin": dict(w_bits=5, a_bits=5, twin_roles=("fc2", "attn_av")),
 }
-OPTIONS = {"w4a4_twin_split": EmitOptions(twin_form="split")}
+OPTIONS = {"w4a4_twin_split": Emission(twin_form="split")}
 
 
 @pytest.mark.shared
@@ -262,9 +264,9 @@ OPTIONS = {"w4a4_twin_split": EmitOptions(twin_form="split")}
 def test_mnist_units_match_reference(mnist, case: str) -> None:
     model, analysis, calib, test = mnist
     plan = minmax_plan(model, analysis, calib, **CASES[case])
-    opts = OPTIONS.get(case, EmitOptions())
+    opts = OPTIONS.get(case, Emission())
     before = model.SerializeToString()
-    q, report = emit_qdq(model, plan, analysis, opts)
+    q, report = emit(model, plan, analysis, opts)
     assert model.SerializeToString() == before, "emit_qdq mutated its input"
 
     # structure: node counts follow the plan
@@ -311,8 +313,8 @@ def test_mnist_units_match_reference(mnist, case: str) -> None:
 def test_mnist_float_range_form_matches_reference(mnist) -> None:
     model, analysis, calib, test = mnist
     plan = minmax_plan(model, analysis, calib, w_bits=6, a_bits=6, twin_roles=("fc2", "attn_av"))
-    opts = EmitOptions(range_form="float", symmetric_container="int8")
-    q, report = emit_qdq(model, plan, analysis, opts)
+    opts = Emission(range_form="float", symmetric_container="int8")
+    q, report = emit(model, plan, analysis, opts)
     assert Counter(n.op_type for n in q.graph.node)["Clip"] == expected_counts(plan, analysis)["Clip"]
     check_units_against_reference(model, q, plan, analysis, test, optimize=False)
 
@@ -321,7 +323,7 @@ def test_mnist_float_range_form_matches_reference(mnist) -> None:
 def test_mnist_w8a8_close_to_fp32(mnist) -> None:
     model, analysis, calib, _ = mnist
     plan = minmax_plan(model, analysis, calib, w_bits=8, a_bits=8)
-    q, _ = emit_qdq(model, plan, analysis)
+    q, _ = emit(model, plan, analysis)
     feeds = {"input": mnist_images(2000, 64)}
     fp = run(model, feeds, ["logits"])["logits"]
     fused = run(q, feeds, ["logits"], optimize=True)["logits"]
@@ -337,7 +339,7 @@ def test_mnist_w8a8_close_to_fp32(mnist) -> None:
 def test_mnist_w8a8_runs_integer_kernels(mnist, tmp_path: Path, level: str) -> None:
     model, analysis, calib, _ = mnist
     plan = minmax_plan(model, analysis, calib, w_bits=8, a_bits=8)
-    q, _ = emit_qdq(model, plan, analysis)
+    q, _ = emit(model, plan, analysis)
     path = save_model(q, tmp_path / "w8a8.onnx")
     info = _load_tool().count_kernels(path, level=level)
     assert info["float"] == [], f"float matmuls left: {info['float']}"
@@ -354,7 +356,7 @@ def test_mnist_twin_lattice_runs_integer_kernels(mnist, tmp_path: Path) -> None:
     model, analysis, calib, _ = mnist
     plan = minmax_plan(model, analysis, calib, w_bits=4, a_bits=4, twin_roles=("fc2", "attn_av"))
     tool = _load_tool()
-    q, report = emit_qdq(model, plan, analysis)
+    q, report = emit(model, plan, analysis)
     lattice = [eu.unit for eu in report.units if "twin" in eu.schemes and eu.matmuls == 1]
     assert len(lattice) >= 6  # every softmax twin (m = k - 1 fits); gelu twins whose hand-set m fits
     info = tool.count_kernels(save_model(q, tmp_path / "twin.onnx"))
@@ -370,7 +372,7 @@ def test_mnist_twin_lattice_runs_integer_kernels(mnist, tmp_path: Path) -> None:
     assert fused["QLinearWhere"] == 6  # the six softmax twins
     assert fused["QLinearLeakyRelu"] == sum(1 for lp in plan.layers for a in lp.inputs
                                             if a.scheme is Scheme.TWIN and a.twin_kind is TwinKind.GELU and a.m > 0
-                                            and lattice_fits(twin_params(a)))
+                                            and lattice_fits(a.params()))
 
 
 @pytest.mark.shared
@@ -404,8 +406,8 @@ def test_tiny_timm_units_match_reference(tiny_onnx, tmp_path: Path, kind: str, o
     test = {inp.name: rng.standard_normal([2, *shape]).astype(np.float32)}
     for case in ("w8a8", "w4a4", "w4a8", "w6a6", "w4a4_twin", "w4a4_twin_split"):
         plan = minmax_plan(model, analysis, calib, **CASES[case])
-        opts = OPTIONS.get(case, EmitOptions())
-        q, report = emit_qdq(model, plan, analysis, opts)
+        opts = OPTIONS.get(case, Emission())
+        q, report = emit(model, plan, analysis, opts)
         assert report.quantize_nodes == expected_counts(plan, analysis, opts)["QuantizeLinear"], case
         check_units_against_reference(model, q, plan, analysis, test, optimize=True)
         if case == "w8a8":
@@ -465,7 +467,7 @@ def test_shared_tensor_gets_one_qdq_group() -> None:
     assert {u.role for u in analysis.units} >= {Role.Q, Role.K, Role.V}
     feeds = [{"x": np.random.default_rng(1).standard_normal((3, 5, 8)).astype(np.float32)}]
     plan = minmax_plan(model, analysis, feeds, 8, 8)
-    q, report = emit_qdq(model, plan, analysis)
+    q, report = emit(model, plan, analysis)
     # y (read by q, k, v with one quantizer) + q, kt, p, v, o
     assert report.quantize_nodes == 6 == expected_counts(plan, analysis)["QuantizeLinear"]
     readers = [n.name for n in q.graph.node if any(i.startswith("y/mptq") for i in n.input) and n.op_type == "MatMul"]
@@ -475,7 +477,7 @@ def test_shared_tensor_gets_one_qdq_group() -> None:
 
 def test_gemm_bias_moves_to_an_add_and_names_survive() -> None:
     model, analysis, plan = tiny_case()
-    q, report = emit_qdq(model, plan, analysis)
+    q, report = emit(model, plan, analysis)
     head = analysis.by_role(Role.HEAD)[0]
     assert head.op_type == "Gemm"
     gemm = next(n for n in q.graph.node if n.name == head.name)
@@ -488,9 +490,9 @@ def test_gemm_bias_moves_to_an_add_and_names_survive() -> None:
 
 def test_emitting_twice_is_a_noop_and_another_plan_is_refused() -> None:
     model, analysis, plan = tiny_case()
-    q, _ = emit_qdq(model, plan, analysis)
-    assert emit_qdq(model, plan, analysis)[0].SerializeToString() == q.SerializeToString()  # deterministic
-    again, report = emit_qdq(q, plan, analysis)
+    q, _ = emit(model, plan, analysis)
+    assert emit_qdq(model, plan, analysis).model.SerializeToString() == q.SerializeToString()  # deterministic
+    again, report = emit(q, plan, analysis)
     assert report.already_quantized and again.SerializeToString() == q.SerializeToString()
     other = dataclasses.replace(plan, notes=("edited",))
     with pytest.raises(PlanError, match="already quantized"):
@@ -524,7 +526,7 @@ def test_stale_plan_and_bad_layers_are_refused() -> None:
 def test_unplanned_units_stay_float_with_a_reason() -> None:
     model, analysis, plan = tiny_case()
     keep = tuple(lp for lp in plan.layers if lp.role != "fc2")
-    q, report = emit_qdq(model, dataclasses.replace(plan, layers=keep), analysis)
+    q, report = emit(model, dataclasses.replace(plan, layers=keep), analysis)
     fc2 = {u.name for u in analysis.by_role(Role.FC2)}
     assert {s.unit for s in report.skipped} == fc2
     assert all("not in the plan" in s.reason for s in report.skipped)
@@ -539,7 +541,7 @@ def test_tiny_vit_twin_at_opset(opset: int) -> None:
     model = tiny_vit(ln="decomposed", opset=opset)
     analysis = analyze(model)
     plan = minmax_plan(model, analysis, [{"input": random_images(4, seed=1)}], 4, 4, twin_roles=("fc2", "attn_av"))
-    q, _ = emit_qdq(model, plan, analysis)
+    q, _ = emit(model, plan, analysis)
     assert q.opset_import[0].version == opset
     for optimize in (False, True):
         check_units_against_reference(model, q, plan, analysis, {"input": random_images(2, seed=2)}, optimize)
@@ -553,7 +555,7 @@ def test_float_weight_shared_outside_the_unit_is_kept() -> None:
     analysis = analyze(model)
     feeds = [{"x": np.random.default_rng(1).standard_normal((3, 5, 8)).astype(np.float32)}]
     plan = minmax_plan(model, analysis, feeds, 8, 8)
-    q, _ = emit_qdq(model, plan, analysis)
+    q, _ = emit(model, plan, analysis)
     inits = {t.name for t in q.graph.initializer}
     assert w_q in inits  # still read by w_user
     assert all(n.input[1] not in inits for n in q.graph.node if n.name.startswith("mm_"))  # units read DQ outputs
@@ -602,7 +604,7 @@ def saturating_linear(d: int = 64) -> tuple[onnx.ModelProto, ModelAnalysis, Quan
 @pytest.mark.parametrize("container", ["auto", "uint8"])
 def test_wide_weight_codes_are_exact_on_every_cpu(container: str) -> None:
     model, analysis, plan, feeds = saturating_linear()
-    q, report = emit_qdq(model, plan, analysis, EmitOptions(weight_container=container))
+    q, report = emit(model, plan, analysis, Emission(weight_container=container))
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     wdq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
            and inits[n.input[0]].ndim == 2]
@@ -619,9 +621,9 @@ def test_int8_weight_container_is_exact_only_where_the_cpu_does_not_saturate() -
     from onnx_mptq.calibrate.session import cpu_u8s8_exact
 
     model, analysis, plan, feeds = saturating_linear()
-    q, report = emit_qdq(model, plan, analysis, EmitOptions(weight_container="int8"))
+    q, report = emit(model, plan, analysis, Emission(weight_container="int8"))
     assert report.uint8_weights == 0
-    auto, _ = emit_qdq(model, plan, analysis)
+    auto, _ = emit(model, plan, analysis)
     got = run(q, feeds, ["wide"])["wide"]
     want = run(auto, feeds, ["wide"])["wide"]
     if cpu_u8s8_exact():
@@ -639,5 +641,5 @@ def test_weight_codes_container_rule() -> None:
     assert weight_codes(wide, "int8")[0].dtype == np.int8
     assert weight_codes(small, "uint8")[0].tolist() == [[64, 192], [131, 121]]
     assert U8S8_SAFE_CODE * 255 * 2 < 2 ** 15
-    with pytest.raises(ValueError):
-        EmitOptions(weight_container="int4")
+    with pytest.raises(PlanError, match="emission.weight_container: 'int4' is not one of auto, int8, uint8"):
+        Emission(weight_container="int4")

@@ -24,7 +24,7 @@ from onnx_mptq.numerics.quant import qrange
 from onnx_mptq.numerics.twin import TwinParams
 from onnx_mptq.passes.emit_qdq import emit_qdq
 from onnx_mptq.pipeline import emit_from_plan, quantize
-from onnx_mptq.plan import QuantPlan, Scheme, TwinKind, average_bits
+from onnx_mptq.plan import ActQuant, QuantPlan, Scheme, average_bits, rederive_steps
 from onnx_mptq.search.mixed import AllocationResult, UnitQuantizers, allocate_bits
 from onnx_mptq.search.scales import search_scales
 
@@ -62,14 +62,12 @@ def _with_twins(plan: QuantPlan, an) -> QuantPlan:
         if u.role is Role.FC2:
             aq = lp.inputs[0]
             tp = TwinParams("gelu", aq.bits, aq.scale / 4, 2)
-            twin = dataclasses.replace(aq, scheme=Scheme.TWIN, symmetric=True, zero_point=0, scale=tp.delta1,
-                                       twin_kind=TwinKind.GELU, delta1=tp.delta1, m=tp.m, split=tp.split)
+            twin = ActQuant.from_params(aq.tensor, tp)
             lp = dataclasses.replace(lp, inputs=(twin,))
         elif u.role is Role.ATTN_AV:
             aq = lp.inputs[0]
             tp = TwinParams("softmax", aq.bits, 1.0 / 2 ** (aq.bits + 3), 3)
-            twin = dataclasses.replace(aq, scheme=Scheme.TWIN, symmetric=False, zero_point=0, scale=tp.delta1,
-                                       twin_kind=TwinKind.SOFTMAX, delta1=tp.delta1, m=tp.m, split=tp.split)
+            twin = ActQuant.from_params(aq.tensor, tp)
             lp = dataclasses.replace(lp, inputs=(twin, lp.inputs[1]))
         layers.append(lp)
     return dataclasses.replace(plan, layers=tuple(layers))
@@ -84,11 +82,11 @@ def test_param_graph_matches_qdq_emission(tiny, bits, symmetric, twins, mode):
     if mode == "int8" and bits == 8 and not cpu_u8s8_exact():
         pytest.skip("this CPU's u8 x s8 kernel saturates on 8-bit int8 weight codes (the search feeds uint8 here)")
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, act_symmetric=symmetric, optm=OptmConfig(enabled=False)))
-    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
+    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False).plan
     if twins:  # OPT-m quantizers in the sum (GELU) and split (softmax) slots, else uniform ones there
         plan = _with_twins(plan, tiny.an)
     assert sum(a.scheme is Scheme.TWIN for lp in plan.layers for a in lp.inputs) == (4 if twins else 0)
-    qdq, _ = emit_qdq(tiny.work, plan, tiny.an)
+    qdq = emit_qdq(tiny.work, plan, tiny.an).model
     pg = build_param_graph(tiny.work, tiny.an, integer=integer, weight_dtype="uint8" if mode == "uint8" else "int8")
     assert pg.integer is integer and pg.weight_dtype == ("uint8" if mode == "uint8" else "int8")
     if integer:
@@ -126,21 +124,20 @@ def _float_matmuls(model) -> list[str]:
 
 def test_integer_graph_refuses_a_twin_outside_the_lattice(tiny):
     cfg = Config(quant=QuantConfig(w_bits=6, a_bits=6, optm=OptmConfig(enabled=False)))
-    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
+    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False).plan
     fc2 = tiny.an.by_role(Role.FC2)[0].name
     layers = []
     for lp in plan.layers:
         if lp.unit == fc2:  # 6 bits, m = 4: 31 * (16 + 1) = 527 codes of delta1 > 256
             tp = TwinParams("gelu", 6, lp.inputs[0].scale / 8, 4)
-            twin = dataclasses.replace(lp.inputs[0], scheme=Scheme.TWIN, symmetric=True, zero_point=0, scale=tp.delta1,
-                                       twin_kind=TwinKind.GELU, delta1=tp.delta1, m=tp.m, split=tp.split)
+            twin = ActQuant.from_params(lp.inputs[0].tensor, tp)
             lp = dataclasses.replace(lp, inputs=(twin,))
         layers.append(lp)
     layers = {lp.unit: lp for lp in layers}
     with pytest.raises(PlanError, match=f"{fc2} operand 0: its twin-region quantizer.*uint8 lattice"):
         build_param_graph(tiny.work, tiny.an).feeds(layers)
     flt = build_param_graph(tiny.work, tiny.an, integer=False)
-    qdq, _ = emit_qdq(tiny.work, dataclasses.replace(plan, layers=tuple(layers.values())), tiny.an)
+    qdq = emit_qdq(tiny.work, dataclasses.replace(plan, layers=tuple(layers.values())), tiny.an).model
     x = random_images(8, seed=3)
     rt = cfg.runtime
     y_param = make_session(flt.model, rt).run({"input": x, **flt.feeds(layers)})[0]
@@ -219,7 +216,7 @@ def test_budget_is_never_exceeded(tiny, allocations):
     # the plan built from the allocation reports the same averages (the ones the budget checks)
     for target in (4.5, 6.0):
         res = allocations[target]
-        plan = search_scales(tiny.work, tiny.an, tiny.cap, Config(), bits=res.bits, source_digest="x", progress=False)
+        plan = search_scales(tiny.work, tiny.an, tiny.cap, Config(), bits=res.bits, source_digest="x", progress=False).plan
         assert plan.avg_weight_bits == res.avg_weight_bits <= target
         assert plan.avg_activation_bits == res.avg_activation_bits <= target
         assert average_bits(plan.layers) == (plan.avg_weight_bits, plan.avg_activation_bits)
@@ -337,7 +334,7 @@ def test_pipeline_plan_meets_the_budget(mp_run):
 
 def test_emitting_an_edited_plan_reproduces_the_edit(tiny, mp_run):
     plan = QuantPlan.from_json(mp_run.res.plan.to_json())
-    again, _ = emit_from_plan(tiny.src, plan)
+    again = emit_from_plan(tiny.src, plan).model
     assert again.SerializeToString() == mp_run.res.model.SerializeToString()  # unedited: the same model
 
     # edit: one Linear to 3-bit weights (keeping its steps), one activation to another step
@@ -350,14 +347,18 @@ def test_emitting_an_edited_plan_reproduces_the_edit(tiny, mp_run):
     w, a = average_bits(layers)
     edited = dataclasses.replace(plan, layers=tuple(layers), avg_weight_bits=w, avg_activation_bits=a)
     edited = QuantPlan.from_json(edited.to_json())  # as a user would: through the JSON
-    qmodel, report = emit_from_plan(tiny.src, edited)
+    emitted = emit_from_plan(tiny.src, edited)
+    qmodel, report = emitted.model, emitted.report
     assert {u.unit: u.weight_bits for u in report.units}[layers[i].unit] == 3
+    # the 3-bit weight kept its 8-bit steps: emission re-derived them for 3 bits and said so
+    assert len(emitted.rederived) == 1 and layers[i].unit in emitted.rederived[0]
+    edited = rederive_steps(edited).plan
 
     # the emitted model computes exactly the edited quantizers (parametric graph fed from the plan)
     work = prepare(tiny.src)
     from onnx_mptq.passes.smooth import apply_smoothing
 
-    work, _ = apply_smoothing(work, edited.smoothing, analyze(work, prepared=True))
+    work = apply_smoothing(work, edited.smoothing, analyze(work, prepared=True)).model
     work = prepare(work)
     an = analyze(work, prepared=True)
     pg = build_param_graph(work, an)

@@ -116,11 +116,10 @@ def _layer(unit: str, scheme: str) -> LayerPlan:
     from onnx_mptq.plan import ActQuant, TwinKind
 
     if scheme == "twin":
-        aq = ActQuant(tensor=f"{unit}_in", bits=4, scheme=Scheme.TWIN, symmetric=True, scale=0.01, zero_point=0,
-                      clip_min=-0.07, clip_max=0.56, twin_kind=TwinKind.GELU, delta1=0.01, m=3, split=None)
+        aq = ActQuant(tensor=f"{unit}_in", bits=4, scheme=Scheme.TWIN, twin_kind=TwinKind.GELU, delta1=0.01, m=3,
+                      split=None)
     else:
-        aq = ActQuant(tensor=f"{unit}_in", bits=4, scheme=Scheme.UNIFORM, symmetric=False, scale=0.05, zero_point=2,
-                      clip_min=-0.1, clip_max=0.65)
+        aq = ActQuant(tensor=f"{unit}_in", bits=4, scheme=Scheme.UNIFORM, symmetric=False, scale=0.05, zero_point=2)
     return LayerPlan(unit=unit, role="fc2", inputs=(aq,), weight=None, params=0, act_elems=16)
 
 
@@ -197,9 +196,8 @@ def tiny():
 
 def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
     cfg = Config(quant=QuantConfig(w_bits=4, a_bits=4, search=ScaleSearchConfig(grid_size=20), optm=OptmConfig(subset=48)))
-    options: dict = {}
-    plan = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False,
-                         twin_options=options)
+    searched = search_scales(tiny.work, tiny.an, tiny.cap, cfg, source_digest="x", smoothing=tiny.splan, progress=False)
+    plan, options = searched.plan, searched.twin_options
     eligible = {u.name for u in tiny.an.units if u.role.value in ("fc2", "attn_av")}
     assert set(options) == eligible  # tiny_vit: GELU MLPs and softmax attention
     for name, opt in options.items():  # the plan holds the layer-wise choice
@@ -218,7 +216,7 @@ def test_network_choice_on_tiny_vit_is_measured_by_ort(tiny):
     assert m_uni.nmse == pytest.approx(sel.nmse_uniform, rel=1e-4)
     assert m_chosen.nmse <= m_uni.nmse and m_chosen.mean_kl <= m_uni.mean_kl
     # the chosen plan emits and runs
-    model, report = emit_from_plan(tiny.src, dataclasses.replace(sel.plan, source_digest=_digest(tiny.src)))
+    report = emit_from_plan(tiny.src, dataclasses.replace(sel.plan, source_digest=_digest(tiny.src))).report
     # every twin fits one uint8 lattice at 4 bits (quant.optm.lattice): one integer matmul per unit
     assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
 
@@ -283,25 +281,24 @@ def test_cli_optm_select_and_report(tmp_path, tiny):
 def test_searched_ratios_fit_one_lattice(tiny, bits):
     from onnx_mptq.cli import _config_from, build_parser
     from onnx_mptq.numerics.twin import lattice_fits, lattice_max_m
-    from onnx_mptq.passes.emit_qdq import twin_params
 
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits, search=ScaleSearchConfig(grid_size=20)))
     free = Config(quant=dataclasses.replace(cfg.quant, optm=OptmConfig(lattice=False)))
     ms = {}
     for name, c in (("lattice", cfg), ("free", free)):
-        options: dict = {}
-        plan = search_scales(tiny.work, tiny.an, tiny.cap, c, source_digest=_digest(tiny.src), smoothing=tiny.splan,
-                             progress=False, twin_options=options)
+        searched = search_scales(tiny.work, tiny.an, tiny.cap, c, source_digest=_digest(tiny.src), smoothing=tiny.splan,
+                                 progress=False)
+        plan, options = searched.plan, searched.twin_options
         assert options
         ms[name] = {n: o.twin.inputs[0].m for n, o in options.items()}
         if name == "lattice":
             for o in options.values():
                 assert o.twin.inputs[0].m <= lattice_max_m(o.kind, bits)
-                assert lattice_fits(twin_params(o.twin.inputs[0]))
+                assert lattice_fits(o.twin.inputs[0].params())
             # every operand twin: still one integer matmul per unit
             twin_plan = dataclasses.replace(plan, layers=tuple(options[lp.unit].twin if lp.unit in options else lp
                                                                for lp in plan.layers))
-            _, report = emit_from_plan(tiny.src, twin_plan)
+            report = emit_from_plan(tiny.src, twin_plan).report
             assert sum(eu.matmuls for eu in report.units) == len(tiny.an.units)
         else:
             assert all(m <= free.quant.optm.max_m for m in ms[name].values())

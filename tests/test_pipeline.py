@@ -51,13 +51,13 @@ def test_plan_reemission_is_exact_and_edits_take_effect() -> None:
     m = tiny_vit(seed=3)
     res = onnx_mptq.quantize(m, [{"input": random_images(16, seed=1)}], _cfg(w_bits=8, a_bits=8))
     plan = onnx_mptq.QuantPlan.from_json(res.plan.to_json())
-    again, _ = onnx_mptq.emit_from_plan(m, plan)
+    again = onnx_mptq.emit_from_plan(m, plan).model
     assert again.SerializeToString() == res.model.SerializeToString()
     # hand edit: one Linear down to 4-bit weights
     target = next(lp for lp in plan.layers if lp.weight is not None and lp.role == "fc1")
     w = dataclasses.replace(target.weight, bits=4)
     edited = dataclasses.replace(plan, layers=tuple(dataclasses.replace(lp, weight=w) if lp is target else lp for lp in plan.layers))
-    q4, _ = onnx_mptq.emit_from_plan(m, onnx_mptq.QuantPlan.from_json(edited.to_json()))
+    q4 = onnx_mptq.emit_from_plan(m, onnx_mptq.QuantPlan.from_json(edited.to_json())).model
     codes = [onnx.numpy_helper.to_array(i) for i in q4.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims]
     assert any(c.ndim == 2 and c.max() <= 7 and c.min() >= -7 and c.shape == (target.params // c.shape[1], c.shape[1]) for c in codes)
     assert q4.SerializeToString() != res.model.SerializeToString()

@@ -30,8 +30,8 @@ post-Softmax (P of ``P @ V``) operands, everything else default (SQ-b mean, mse 
   ``quant.optm.max_m`` even where the twin's values do not fit one uint8 lattice (those operands
   are emitted as two integer matmuls).
 
-The hand-set and per-layer plans are also emitted in the split form (``EmitOptions(twin_form=
-"split")``, two integer matmuls per twin operand) for the latency run, against the default
+The hand-set and per-layer plans are also emitted in the split form (``emission.twin_form = split``,
+two integer matmuls per twin operand) for the latency run, against the default
 lattice form (one integer matmul where the twin fits one uint8 lattice).
 
 The plans come from one SQ-b + capture pass per model (the stages of
@@ -221,8 +221,11 @@ def staged_capture(bm: BenchModel, cfg) -> Staged:
 def search_plan(st: Staged, cfg, options: dict | None = None):
     from onnx_mptq.search.scales import search_scales
 
-    return search_scales(st.work, st.analysis, st.captured, cfg, source_digest=st.digest, smoothing=st.splan,
-                         progress=False, twin_options=options)
+    res = search_scales(st.work, st.analysis, st.captured, cfg, source_digest=st.digest, smoothing=st.splan,
+                        progress=False)
+    if options is not None:
+        options.update(res.twin_options)
+    return res.plan
 
 
 def network_plan(st: Staged, cfg, plan, options: dict):
@@ -237,22 +240,15 @@ def network_plan(st: Staged, cfg, plan, options: dict):
 
 def _twin_act(tensor: str, tp) -> Any:
     """The plan record of a twin quantizer (as ``onnx_mptq.search.scales`` writes it)."""
-    from onnx_mptq.plan import ActQuant, Scheme, TwinKind
+    from onnx_mptq.plan import ActQuant
 
-    n = tp.levels
-    lo = -n * tp.delta1 if tp.kind == "gelu" else 0.0
-    return ActQuant(tensor=tensor, bits=tp.bits, scheme=Scheme.TWIN, symmetric=tp.kind == "gelu", scale=tp.delta1,
-                    zero_point=0, clip_min=float(lo), clip_max=float(n * tp.delta2), twin_kind=TwinKind(tp.kind),
-                    delta1=tp.delta1, m=tp.m, split=tp.split)
+    return ActQuant.from_params(tensor, tp)
 
 
 def _uniform_act(tensor: str, p) -> Any:
-    from onnx_mptq.numerics.quant import dequantized_bounds
-    from onnx_mptq.plan import ActQuant, Scheme
+    from onnx_mptq.plan import ActQuant
 
-    lo, hi = dequantized_bounds(p)
-    return ActQuant(tensor=tensor, bits=p.bits, scheme=Scheme.UNIFORM, symmetric=p.symmetric, scale=float(p.scale),
-                    zero_point=int(p.zero_point), clip_min=float(lo), clip_max=float(hi))
+    return ActQuant.from_params(tensor, p)
 
 
 def eligible(unit) -> str | None:
@@ -271,7 +267,6 @@ def handset_plan(uniform_plan, st: Staged, cfg):
     from onnx_mptq.numerics.search import OperandObjective, search_matmul_operand_scale
     from onnx_mptq.numerics.twin import fixed_ratio_twin, twin_fake_quant
     from onnx_mptq.plan import average_bits
-    from onnx_mptq.search.scales import act_fake_quant
 
     q = cfg.quant
     units = {u.name: u for u in st.analysis.units}
@@ -296,7 +291,7 @@ def handset_plan(uniform_plan, st: Staged, cfg):
             pb = search_matmul_operand_scale(a, b, 1, old_b.bits, q.act_symmetric, other_fq=a_fq, grid_size=q.search.grid_size,
                                              low=q.search.grid_low, high=q.search.grid_high, method="mse", pct=q.search.percentile)
             new_b = _uniform_act(unit.inputs[1], pb)
-            qb = new_b if obj(act_fake_quant(new_b)) < obj(act_fake_quant(old_b)) else old_b
+            qb = new_b if obj(new_b.fake_quant) < obj(old_b.fake_quant) else old_b
             layers.append(dataclasses.replace(lp, inputs=(_twin_act(unit.inputs[0], tp), qb)))
         notes.append(f"hand-set {unit.name}: twin {kind} m={tp.m} delta1={tp.delta1:.6g}")
     avg_w, avg_a = average_bits(layers)
@@ -350,17 +345,19 @@ def run_optm(bm: BenchModel, bits: list[int], work: Path, log, latency_rounds: i
                                   ("OPT-m per layer", p_layer, t_layer), ("OPT-m", p_opt, t_opt),
                                   ("OPT-m, any m", p_any, t_any)):
             log(f"[optm] {bm.name} W{b}A{b} {variant}: emit + evaluate ...")
-            model, _ = emit_from_plan(st.source, plan)
+            model = emit_from_plan(st.source, plan).model
             ev, path = eval_row(model, bm, work, f"optm_{variant.replace(' ', '_')}_w{b}")
             paths[variant] = path
             rows.append({"model": bm.name, "bits": b, "variant": variant, "eval": ev, "twins": count_twins(plan),
                          "eligible": n_eligible, "search_s": ts, "capture_s": capture_s})
         if latency_rounds > 0:
             # the same twin plans emitted in the split form (two integer matmuls per twin operand)
-            from onnx_mptq.passes.emit_qdq import EmitOptions
+            from onnx_mptq.plan import TwinForm
 
             for variant in ("hand-set twin", "OPT-m per layer"):
-                model, _ = emit_from_plan(st.source, plans[variant], EmitOptions(twin_form="split"))
+                split = dataclasses.replace(plans[variant], emission=dataclasses.replace(plans[variant].emission,
+                                                                                         twin_form=TwinForm.SPLIT))
+                model = emit_from_plan(st.source, split).model
                 path = work / f"{bm.name}_optm_{variant.replace(' ', '_')}_split_w{b}.onnx"
                 save_model(model, path)
                 paths[f"{variant} (split form)"] = path

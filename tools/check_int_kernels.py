@@ -97,7 +97,7 @@ def minmax_plan(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], w_bi
 
     from onnx_mptq.graph.analysis import GraphView, Role, analyze
     from onnx_mptq.graph.io import assign_node_names
-    from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, weight_params
+    from onnx_mptq.numerics.quant import params_from_range, weight_params
     from onnx_mptq.plan import ActQuant, LayerPlan, QuantPlan, WeightQuant
 
     analysis = analyze(model)
@@ -110,17 +110,13 @@ def minmax_plan(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], w_bi
             lo[n], hi[n] = min(lo[n], float(a.min())), max(hi[n], float(a.max()))
 
     def aq(t: str, src: str, bits: int) -> ActQuant:
-        p = params_from_range(lo[src], hi[src], bits, False)
-        cl, ch = dequantized_bounds(p)
-        return ActQuant(tensor=t, bits=bits, scale=float(p.scale), zero_point=int(p.zero_point),
-                        clip_min=float(cl), clip_max=float(ch))
+        return ActQuant.from_params(t, params_from_range(lo[src], hi[src], bits, False))
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     assign_node_names(m)
     g = gs.import_onnx(m)
     view = GraphView(g)
-    nodes = {n.name: n for n in g.nodes}
     input_quant = aq(analysis.inputs[0], analysis.inputs[0], 8)
     layers = []
     for u in analysis.units:
@@ -128,10 +124,8 @@ def minmax_plan(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], w_bi
                     for t in u.inputs)
         wq, params = None, 0
         if u.weight_input is not None:
-            n = nodes[u.name]
-            w = np.asarray(view.const(n.inputs[1]), np.float32)
-            axis = 0 if n.op == "Conv" or (n.op == "Gemm" and int(n.attrs.get("transB", 0))) else 1
-            wq = WeightQuant(w_bits, tuple(float(s) for s in weight_params(w, w_bits, axis).scale))
+            w = u.weight_as_read(view)
+            wq = WeightQuant.from_params(weight_params(w, w_bits, u.weight_axis))
             params = int(w.size)
         layers.append(LayerPlan(unit=u.name, role=u.role.value, inputs=ins, weight=wq, params=params))
     plan = QuantPlan(source_digest=analysis.model_digest, model_digest=analysis.model_digest,
@@ -177,7 +171,7 @@ def compare_ort(fp32_path: Path, data: Path, batch: int, runs: int, threads: int
     bench = {k: a[:batch] if len(a) >= batch else np.resize(a, (batch,) + a.shape[1:]) for k, a in arrays.items()}
     model = onnx.load(str(fp32_path))
     plan, analysis = minmax_plan(model, calib)
-    emitted, _ = emit_qdq(model, plan, analysis)
+    emitted = emit_qdq(model, plan, analysis).model
     with tempfile.TemporaryDirectory(prefix="mptq_compare_") as tmp:
         ours = save_model(emitted, Path(tmp) / "mptq_w8a8.onnx")
         ort_q = Path(tmp) / "ort_qdq.onnx"

@@ -68,8 +68,8 @@ import onnx_graphsurgeon as gs
 from ..errors import PlanError, UnsupportedModelError
 from ..graph.analysis import GELU_KINDS, Activation, GraphView, ModelAnalysis, Role, Unit
 from ..graph.io import assign_node_names, graph_digest
-from ..numerics.quant import UniformParams, fake_quant, qrange, quantize
-from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
+from ..numerics.quant import qrange
+from ..numerics.twin import lattice_fits, twin_lattice_range
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
 from ..passes.emit_qdq import WeightContainer, weight_codes
 
@@ -200,7 +200,10 @@ def act_values(aq: ActQuant, form: str, where: str = "operand", integer: bool = 
     if aq.scheme is Scheme.UNIFORM:
         s3, zp3 = float(np.float32(aq.scale)), (128 if aq.symmetric else int(aq.zero_point))
     else:
-        tp = _twin(aq, where)
+        try:
+            tp = aq.params()
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
         if not lattice_fits(tp):
             lo, hi = twin_lattice_range(tp)
             raise PlanError(
@@ -208,14 +211,6 @@ def act_values(aq: ActQuant, form: str, where: str = "operand", integer: bool = 
                 f"than one uint8 lattice holds; the integer evaluation graph cannot run it (use quant.optm.lattice)")
         s3, zp3 = float(np.float32(tp.delta1)), -twin_lattice_range(tp)[0]
     return (*vals, np.array(s3, dtype=np.float32), np.array(zp3, dtype=np.uint8))
-
-
-def _twin(aq: ActQuant, where: str) -> TwinParams:
-    kind = aq.twin_kind.value if aq.twin_kind is not None else None
-    try:
-        return TwinParams(kind, aq.bits, float(aq.delta1), int(aq.m), aq.split)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
-        raise PlanError(f"{where}: {e}") from None
 
 
 def _act_values(aq: ActQuant, form: str, where: str) -> tuple[np.ndarray, ...]:
@@ -234,35 +229,26 @@ def _act_values(aq: ActQuant, form: str, where: str) -> tuple[np.ndarray, ...]:
     kind = aq.twin_kind.value if aq.twin_kind is not None else None
     if form == "uniform" or (form == "sum" and kind != "gelu"):
         raise PlanError(f"{where}: a {kind} twin-region quantizer on an operand the graph quantizes with the {form} form")
-    n = 2 ** (aq.bits - 1) - 1
-    d1 = float(np.float32(aq.delta1))
-    d2 = float(np.float32(d1 * 2.0 ** int(aq.m)))  # exact power-of-two multiple
+    try:
+        tp = aq.params()
+    except PlanError as e:
+        raise PlanError(f"{where}: {e}") from None
+    n, d1, d2 = tp.levels, tp.delta1, tp.delta2  # delta2: an exact power-of-two multiple of the float32 delta1
     if kind == "gelu":
         regions = (*_region(d1, n, 0, n), *_region(d2, 0, 0, n))
         return regions if form == "sum" else (np.array(0.0, dtype=np.float32), *regions)
-    if kind == "softmax":
-        t = d1 * 2 ** (aq.bits - 1) if aq.split is None else aq.split
-        return (np.array(t, dtype=np.float32), *_region(d1, 0, 0, n), *_region(d2, 0, 0, n))
-    raise PlanError(f"{where}: unknown twin kind {kind!r}")
+    return (np.array(tp.split, dtype=np.float32), *_region(d1, 0, 0, n), *_region(d2, 0, 0, n))
 
 
 def quantize_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes and float32 per-channel steps of a weight in the layout its node reads (the
     integers the emitted model stores)."""
-    scales = np.asarray(wq.scales, dtype=np.float32)
-    if scales.shape[0] != w.shape[axis]:
-        raise PlanError(f"{scales.shape[0]} weight scales for {w.shape[axis]} output channels")
-    p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
-    return np.ascontiguousarray(quantize(w, p).astype(np.int8)), scales
+    return np.ascontiguousarray(wq.codes(w, axis)), np.asarray(wq.scales, dtype=np.float32)
 
 
 def fake_quant_weight_as_read(w: np.ndarray, wq: WeightQuant, axis: int) -> np.ndarray:
     """Symmetric per-channel fake quantization of a weight in the layout its node reads."""
-    scales = np.asarray(wq.scales, dtype=np.float32)
-    if scales.shape[0] != w.shape[axis]:
-        raise PlanError(f"{scales.shape[0]} weight scales for {w.shape[axis]} output channels")
-    p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
-    return np.ascontiguousarray(fake_quant(w, p))
+    return np.ascontiguousarray(wq.fake_quant(w, axis))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +264,6 @@ def slot_form(unit: Unit, operand: int) -> str:
     if unit.role is Role.ATTN_AV or unit.activation is Activation.SOFTMAX:
         return "split"
     return "sum" if unit.activation in GELU_KINDS else "uniform"
-
-
-def _weight_axis(node: gs.Node) -> int:
-    if node.op == "MatMul":
-        return 1
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 0  # Conv
 
 
 class _Builder:
@@ -387,7 +365,7 @@ def build_param_graph(model: onnx.ModelProto, analysis: ModelAnalysis, *,
         if unit.role in (Role.ATTN_QK, Role.ATTN_AV):
             continue
         w = np.ascontiguousarray(np.asarray(view.const(node.inputs[1]), dtype=np.float32))
-        axis = _weight_axis(node)
+        axis = unit.weight_axis
         if integer:
             wq = gs.Variable(f"{base}/wq", dtype=wdt, shape=list(w.shape))
             ws = gs.Variable(f"{base}/ws", dtype=np.float32, shape=[int(w.shape[axis])])

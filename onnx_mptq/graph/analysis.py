@@ -83,10 +83,40 @@ class Unit:
     activation: Activation | None = None  # activation in front of the first input
     block: int | None = None
     output: str = ""  # the unit's output (after its bias for MatMul+Add)
+    weight_axis: int | None = None  # output-channel axis of the weight as the node reads it (weight_axis_of)
 
     @property
     def is_linear(self) -> bool:
         return self.role in LINEAR_ROLES and self.op_type != "Conv"
+
+    def weight_as_read(self, view: "GraphView") -> np.ndarray:
+        """float32 weight in the layout the node reads it (a constant chain in front folded):
+        MatMul ``(K, N)``; Gemm ``B`` (``(N, K)`` with ``transB``); Conv ``(O, C, kh, kw)``.
+        Its output channels lie along :attr:`weight_axis`."""
+        t = view.tensors.get(self.weight_input or "")
+        w = view.const(t)
+        if w is None:
+            raise UnsupportedModelError(f"unit {self.name}: weight {self.weight_input!r} is not a constant")
+        return np.asarray(w, dtype=np.float32)
+
+    def effective(self, w_read: np.ndarray) -> np.ndarray:
+        """The effective ``(K, N)`` weight of a weight as read (a view): ``y = x @ W``; a Conv as
+        ``(C*kh*kw, O)``, patches flattened in (C, kh, kw) order (``conv(x, W) == patches(x) @ W``)."""
+        if self.op_type == "Conv":
+            return w_read.reshape(w_read.shape[0], -1).T
+        return w_read if self.weight_axis == 1 else w_read.T
+
+    def effective_weight(self, view: "GraphView") -> np.ndarray:
+        """``effective(weight_as_read(view))``: the ``(K, N)`` float32 weight (a view)."""
+        return self.effective(self.weight_as_read(view))
+
+
+def weight_axis_of(node: gs.Node) -> int:
+    """Output-channel axis of a unit's weight as ``node`` reads it: MatMul ``(K, N)`` 1; Gemm 0
+    with ``transB`` else 1; Conv ``(O, C, kh, kw)`` 0."""
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 1 if node.op == "MatMul" else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -919,6 +949,7 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
                     activation=unit_act.get(nid),
                     block=None if role in (Role.HEAD, Role.PATCH_EMBED) else blk,
                     output=lin.output.name,
+                    weight_axis=weight_axis_of(node),
                 )
             )
         elif nid in attn_qk or nid in attn_av:
@@ -950,6 +981,7 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
                     in_features=int(np.prod(w.shape[1:])),
                     out_features=int(w.shape[0]),
                     output=node.outputs[0].name,
+                    weight_axis=weight_axis_of(node),
                 )
             )
     return ModelAnalysis(

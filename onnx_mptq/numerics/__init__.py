@@ -1,5 +1,6 @@
 """numerics."""
 
+from .conv import ConvGeometry, im2col
 from .metrics import (MetricAccumulator, MetricSummary, cosine, kl_softmax, softmax, sqnr_db,
                       top1_agreement, topk_accuracy)
 from .quant import (UniformParams, container_dtype, dequantize, dequantized_bounds, fake_quant,
@@ -13,9 +14,9 @@ from .twin import (TwinParams, fixed_ratio_twin, search_twin, search_twin_operan
                    twin_fake_quant, twin_quantize, twin_region_params)
 
 __all__ = [
-    "Conditioning", "LinearObjective", "MetricAccumulator", "MetricSummary", "OperandObjective",
+    "Conditioning", "ConvGeometry", "LinearObjective", "MetricAccumulator", "MetricSummary", "OperandObjective",
     "TwinParams", "UniformParams", "conditioning", "container_dtype", "cosine", "dequantize",
-    "dequantized_bounds", "fake_quant", "fixed_ratio_twin", "fold_layernorm", "fold_linear",
+    "dequantized_bounds", "fake_quant", "fixed_ratio_twin", "fold_layernorm", "fold_linear", "im2col",
     "kl_softmax", "minmax_params", "output_error", "params_from_range", "percentile_params",
     "qrange", "quantize", "search_activation_scale", "search_matmul_operand_scale", "search_twin",
     "search_twin_operand", "search_weight_scales", "shift_vector", "shifted_absmax",

@@ -1,3 +1,4 @@
 """passes."""
 
-from .smooth import SMOOTHED_KEY, NormReport, SmoothReport, apply_smoothing, plan_smoothing, smoothed_layernorms  # noqa: F401
+from .smooth import (SMOOTHED_KEY, NormReport, SmoothingResult, SmoothReport, apply_smoothing, plan_smoothing,  # noqa: F401
+                     smoothed_layernorms)

@@ -1,7 +1,19 @@
 """Emit a quantization plan as a QDQ ONNX model that ONNX Runtime runs with integer kernels.
 
-``emit_qdq(model, plan, analysis)`` returns a new model (the input proto is never mutated) and an
-:class:`EmitReport`. What it writes, per planned unit (``plan.layers``):
+``emit_qdq(model, plan, analysis)`` returns an :class:`EmitResult`: a new model (the input proto is
+never mutated) and an :class:`EmitReport`. The plan alone decides the model: its quantizers and
+its ``emission`` section (:class:`onnx_mptq.plan.Emission`: the symmetric container, the range
+form, the twin form, the weight container) -- the same plan gives the same bytes. A quantizer
+whose bits were edited without new steps (``bits != step_bits``) gets its steps re-derived for
+its bits first (:func:`onnx_mptq.plan.rederive_steps`), logged as a warning and listed in the
+result's ``rederived``.
+
+The steps, in order: check the model is not already quantized (:func:`_already_emitted`), open a
+named copy bound to the plan's and the analysis's digests (:func:`_open`), check every planned
+unit against its node before touching the graph (:func:`_accepted_units`), write each unit's
+operands, weight and matmul(s) (:func:`_emit_unit`), the image quantizer where no planned unit
+reads it (:func:`_emit_input_quant`), then export, mark and check the model (:func:`_export`).
+What it writes, per planned unit (``plan.layers``):
 
 Weights (Linear / patch-embedding Conv), per output channel, symmetric, b bits::
 
@@ -21,7 +33,7 @@ the tensor with the same quantizer)::
 
 in an 8-bit container: asymmetric -> uint8 with the plan's zero point; symmetric -> by default
 uint8 with zero point 128 (codes ``q + 128``: the same grid, see "Why uint8" below) or, with
-``EmitOptions(symmetric_container='int8')``, int8 with zero point 0. QuantizeLinear saturates to
+``emission.symmetric_container = int8``, int8 with zero point 0. QuantizeLinear saturates to
 the *container* range, so where ``qrange(b)`` is narrower (b < 8, and symmetric 8-bit, whose code
 -128 is excluded) the codes are held to the b-bit range by one more node:
 
@@ -104,7 +116,7 @@ of adjacent ``uint8 x int8`` products in int16 with saturation (``vpmaddubsw``):
 weight codes up to 127 and activation codes up to 255 a pair reaches 64,770 and the result is
 silently wrong (measured on an AVX2 CPU, ORT 1.31: a 64-deep dot product off by 1e6 of 2e6;
 the mnist ViT at W8A8 fell to 22 dB SQNR between ORT's fused and unfused graphs). Codes within
-+-64 cannot saturate (``2 * 255 * 64 < 32767``). ``EmitOptions.weight_container``: ``auto`` (the
++-64 cannot saturate (``2 * 255 * 64 < 32767``). ``emission.weight_container``: ``auto`` (the
 default) stores a weight as int8 when all its codes are within +-64 (every weight of 7 bits or
 fewer) and otherwise as uint8 codes + 128 with zero point 128, the same grid, which ORT runs with
 its U8U8 kernel (16-bit widening, exact on every CPU; measured on AVX2 one 3152x384x1536
@@ -128,7 +140,6 @@ idempotent); another plan on it is refused.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import itertools
 import json
@@ -142,10 +153,12 @@ import onnx_graphsurgeon as gs
 from ..errors import PlanError, UnsupportedModelError
 from ..graph.analysis import GraphView, ModelAnalysis, Role, Unit
 from ..graph.io import MIN_OPSET, assign_node_names, graph_digest, opset_of
-from ..numerics.quant import UniformParams, qrange, quantize
+from ..numerics.quant import UniformParams, qrange
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
-from ..plan import ActQuant, LayerPlan, QuantPlan, Scheme, TwinKind, WeightQuant
+from ..plan import (ActQuant, Emission, LayerPlan, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
+                    WeightContainer, WeightQuant, rederive_steps)
 from ..records import Record
+from .naming import UniqueNames
 
 log = logging.getLogger(__name__)
 
@@ -153,53 +166,12 @@ MARKER_KEY = "onnx_mptq.quantized"
 EMITTER_VERSION = 1
 
 
-class SymmetricContainer(str, enum.Enum):
-    """Storage of symmetric activation codes."""
-
-    UINT8 = "uint8"  # codes + 128 in uint8 (zero point 128): fuses everywhere in ORT CPU
-    INT8 = "int8"  # int8, zero point 0
-
-
-class TwinForm(str, enum.Enum):
-    """How a twin-region operand reaches its consuming matmul."""
-
-    AUTO = "auto"  # LATTICE where the operand's codes fit one uint8 container, else SPLIT
-    SPLIT = "split"  # two integer matmuls (one per region), summed
-    LATTICE = "lattice"  # one integer matmul on the delta1 lattice (AUTO's first choice)
-
-
-class WeightContainer(str, enum.Enum):
-    """Storage of weight codes (module docstring, "Weights on CPUs without VNNI")."""
-
-    AUTO = "auto"  # int8 where every code is within +-64, else uint8 + 128: exact on every CPU
-    INT8 = "int8"  # int8, zero point 0 (U8S8): fastest on VNNI / ARM; saturates on AVX2 without VNNI
-    UINT8 = "uint8"  # codes + 128 in uint8, zero point 128 (U8U8 kernels), for every weight
-
-
 #: The largest |weight code| whose U8S8 product pairs fit int16 on every CPU: ``2 * 255 * 64 = 32640``
 #: (x86 AVX2 / AVX-512 without VNNI sums two adjacent u8 x s8 products with int16 saturation).
 U8S8_SAFE_CODE = 64
 
-
-class RangeForm(str, enum.Enum):
-    """How codes are held to a b-bit range narrower than the 8-bit container."""
-
-    INTEGER = "integer"  # Q -> Clip(int codes) -> DQ
-    FLOAT = "float"  # Clip(x, dequantized bounds) -> Q -> DQ
-
-
-@dataclasses.dataclass(frozen=True)
-class EmitOptions:
-    symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
-    range_form: RangeForm = RangeForm.INTEGER
-    twin_form: TwinForm = TwinForm.AUTO
-    weight_container: WeightContainer = WeightContainer.AUTO
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight_container", WeightContainer(self.weight_container))
-        object.__setattr__(self, "symmetric_container", SymmetricContainer(self.symmetric_container))
-        object.__setattr__(self, "range_form", RangeForm(self.range_form))
-        object.__setattr__(self, "twin_form", TwinForm(self.twin_form))
+#: A weight grid clipping more than this fraction of the weight is refused (steps made for other bits).
+MAX_CLIPPED = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,33 +258,16 @@ def _container_range(dtype: str) -> tuple[int, int]:
     return (0, 255) if dtype == "uint8" else (-128, 127)
 
 
-def uniform_params(aq: ActQuant) -> UniformParams:
-    """The plan's uniform quantizer as :class:`UniformParams` (PlanError when inconsistent)."""
-    try:
-        return UniformParams(np.float32(aq.scale), np.int32(aq.zero_point), aq.bits, aq.symmetric)
-    except ValueError as e:
-        raise PlanError(f"activation {aq.tensor}: {e}") from None
-
-
-def twin_params(aq: ActQuant) -> TwinParams:
-    """The plan's twin-region quantizer as :class:`TwinParams` (PlanError when inconsistent)."""
-    kind = aq.twin_kind.value if isinstance(aq.twin_kind, TwinKind) else aq.twin_kind
-    try:
-        return TwinParams(kind, aq.bits, float(aq.delta1), int(aq.m), aq.split)
-    except (ValueError, TypeError) as e:
-        raise PlanError(f"activation {aq.tensor}: {e}") from None
-
-
-def _parts(aq: ActQuant, options: EmitOptions) -> list[_Part]:
-    if aq.scheme is Scheme.UNIFORM:
-        p = uniform_params(aq)
+def _parts(aq: ActQuant, options: Emission) -> list[_Part]:
+    p = aq.params()
+    if isinstance(p, UniformParams):
         qmin, qmax = qrange(p.bits, p.symmetric)
         if not p.symmetric:
             return [_Part(float(p.scale), int(p.zero_point), "uint8", qmin, qmax, "")]
         if options.symmetric_container is SymmetricContainer.UINT8:
             return [_Part(float(p.scale), 128, "uint8", qmin + 128, qmax + 128, "")]
         return [_Part(float(p.scale), 0, "int8", qmin, qmax, "")]
-    tp = twin_params(aq)
+    tp = p
     n = tp.levels
     d1, d2 = float(np.float32(tp.delta1)), float(np.float32(tp.delta2))
     uint8 = options.symmetric_container is SymmetricContainer.UINT8
@@ -333,38 +288,32 @@ def _same_grid(a: ActQuant, b: ActQuant) -> bool:
 
 
 class _Emitter:
-    def __init__(self, graph: gs.Graph, options: EmitOptions) -> None:
+    def __init__(self, graph: gs.Graph, options: Emission) -> None:
         self.graph = graph
         self.options = options
         self.view = GraphView(graph)
         self.tensors = graph.tensors()
         self.nodes = {n.name: n for n in graph.nodes}
-        self.used_names: set[str] = set(self.tensors) | set(self.nodes)
+        self.name = UniqueNames(graph)  # name(base): a fresh tensor / node name
         self.added: Counter[str] = Counter()
         self.act_q: dict[tuple[str, ActQuant], list[gs.Tensor]] = {}
         self.weight_dq: dict[tuple, gs.Tensor] = {}
-        self.new_nodes: list[gs.Node] = []
+        # the added nodes, built with Graph.layer in a graph of their own (layer() walks its graph's
+        # tensors on every call: on the model's graph that is quadratic in the model size); they join
+        # the model's graph in _export, in the order they were made
+        self.built = gs.Graph(opset=graph.opset)
 
-    # names ----------------------------------------------------------------------------------
-    def name(self, base: str) -> str:
-        cand, k = base, 1
-        while cand in self.used_names:
-            cand = f"{base}_{k}"
-            k += 1
-        self.used_names.add(cand)
-        return cand
-
+    # tensors and nodes ----------------------------------------------------------------------
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.name(base), np.asarray(value))
 
     def var(self, base: str, dtype) -> gs.Variable:
         return gs.Variable(self.name(base), dtype=dtype)
 
-    def node(self, op: str, base: str, inputs, outputs, kind: str, **attrs) -> gs.Node:
-        n = gs.Node(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
-        self.new_nodes.append(n)
+    def node(self, op: str, base: str, inputs, outputs, kind: str, **attrs) -> None:
+        """Append a node (``Graph.layer``) named uniquely from ``base``; counted as ``kind``."""
+        self.built.layer(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
         self.added[kind] += 1
-        return n
 
     # activations ----------------------------------------------------------------------------
     def activation(self, tensor: gs.Tensor, aq: ActQuant) -> list[gs.Tensor]:
@@ -375,7 +324,7 @@ class _Emitter:
         k = sum(1 for t, _ in self.act_q if t == tensor.name)
         base = f"{tensor.name}/mptq{k if k else ''}"
         if aq.scheme is Scheme.TWIN and self.options.twin_form is not TwinForm.SPLIT:
-            tp = twin_params(aq)
+            tp = aq.params()
             if lattice_fits(tp):
                 out = self._lattice(tensor, tp, base)
                 self.act_q[key] = [out]
@@ -383,7 +332,7 @@ class _Emitter:
         parts = _parts(aq, self.options)
         sources: dict[str, gs.Tensor] = {"": tensor}
         if any(p.region for p in parts):
-            tp = twin_params(aq)
+            tp = aq.params()
             mask = self.var(f"{base}/region_mask", np.bool_)
             self.node("Less", f"{base}/Less", [tensor, self.const(f"{base}/split", np.float32(tp.split))], [mask], "Less")
             zero = self.const(f"{base}/zero", np.float32(0.0))
@@ -478,12 +427,9 @@ class _Emitter:
         if w is None:
             raise PlanError(f"unit {unit.name}: its weight {w_in.name} is not a constant")
         w = np.asarray(w, dtype=np.float32)
-        if node.op == "MatMul":
-            axis = 1
-        elif node.op == "Gemm":
-            axis = 0 if int(node.attrs.get("transB", 0)) else 1
-        else:  # Conv
-            axis = 0
+        axis = unit.weight_axis
+        if axis is None:
+            raise PlanError(f"unit {unit.name}: the analysis gives no weight axis (an analysis of an older version?)")
         if len(wq.scales) != w.shape[axis]:
             raise PlanError(
                 f"unit {unit.name}: the plan has {len(wq.scales)} weight scales, the weight has "
@@ -493,8 +439,14 @@ class _Emitter:
         if key in self.weight_dq:
             return self.weight_dq[key]
         scales = np.asarray(wq.scales, dtype=np.float32)
-        p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
-        codes = quantize(w, p).astype(np.int8)  # within qrange(bits, True)
+        clipped = wq.clipped_fraction(w, axis)
+        if clipped > MAX_CLIPPED:
+            raise PlanError(
+                f"layer {unit.name}: field weight.scales: the {wq.bits}-bit grid clips {clipped:.0%} of the weight "
+                f"(scales made for other bits?); give scales for {wq.bits} bits, or set weight.step_bits to the bits "
+                f"they were made for and they are re-derived"
+            )
+        codes = wq.codes(w, axis)  # int8, within qrange(bits, True)
         codes, zero_point = weight_codes(codes, self.options.weight_container)
         if codes.dtype == np.uint8:
             self.added["uint8 weights"] += 1
@@ -592,33 +544,45 @@ def _check_layer(unit: Unit, lp: LayerPlan, plan: QuantPlan) -> None:
         raise PlanError(f"layer {unit.name}: a {unit.op_type} unit needs a weight quantizer")
 
 
-def emit_qdq(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    analysis: ModelAnalysis,
-    options: EmitOptions = EmitOptions(),
-) -> tuple[onnx.ModelProto, EmitReport]:
-    """Write ``plan`` into a copy of ``model`` as QDQ (see the module docstring)."""
-    marker = marker_value(plan)
-    digest = plan_digest(plan)
+@dataclasses.dataclass(frozen=True)
+class EmitResult:
+    """What :func:`emit_qdq` returns: the QDQ model, its report, and one note per quantizer whose
+    steps were re-derived because its bits were edited (:func:`onnx_mptq.plan.rederive_steps`)."""
+
+    model: onnx.ModelProto
+    report: EmitReport
+    rederived: tuple[str, ...] = ()
+
+
+def _already_emitted(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult | None:
+    """The model unchanged when it already carries this plan's marker; PlanError for another plan."""
     existing = {p.key: p.value for p in model.metadata_props}
-    if MARKER_KEY in existing:
-        try:
-            prior = json.loads(existing[MARKER_KEY]).get("plan")
-        except (ValueError, AttributeError):
-            prior = None
-        if prior != digest:
-            raise PlanError(
-                f"the model is already quantized (metadata {MARKER_KEY} = {existing[MARKER_KEY]}); emit from "
-                f"the float model instead"
-            )
-        same = onnx.ModelProto()
-        same.CopyFrom(model)
-        return same, EmitReport(
-            model_digest=analysis.model_digest, plan_digest=digest, marker=marker,
-            symmetric_container=options.symmetric_container.value, range_form=options.range_form.value,
-            notes=("already quantized with this plan: nothing emitted",), already_quantized=True,
+    if MARKER_KEY not in existing:
+        return None
+    digest = plan_digest(plan)
+    try:
+        prior = json.loads(existing[MARKER_KEY]).get("plan")
+    except (ValueError, AttributeError):
+        prior = None
+    if prior != digest:
+        raise PlanError(
+            f"the model is already quantized (metadata {MARKER_KEY} = {existing[MARKER_KEY]}); emit from "
+            f"the float model instead"
         )
+    same = onnx.ModelProto()
+    same.CopyFrom(model)
+    e = plan.emission
+    return EmitResult(same, EmitReport(
+        model_digest=analysis.model_digest, plan_digest=digest, marker=marker_value(plan),
+        symmetric_container=e.symmetric_container.value, range_form=e.range_form.value,
+        weight_container=e.weight_container.value,
+        notes=("already quantized with this plan: nothing emitted",), already_quantized=True,
+    ))
+
+
+def _open(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> tuple[onnx.ModelProto, gs.Graph]:
+    """A named copy of ``model`` and its graph, after checking the opset and that the model, the
+    analysis and the plan describe one graph."""
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(
@@ -637,20 +601,18 @@ def emit_qdq(
             f"the plan was made for another graph (plan model digest {plan.model_digest}, model digest "
             f"{analysis.model_digest})"
         )
-    units = {u.name: u for u in analysis.units}
+    units = {u.name for u in analysis.units}
     unknown = sorted(lp.unit for lp in plan.layers if lp.unit not in units)
     if unknown:
         raise PlanError(f"the plan names unit(s) the model does not have: {', '.join(unknown)}")
+    return m, gs.import_onnx(m)
+
+
+def _accepted_units(em: _Emitter, plan: QuantPlan, analysis: ModelAnalysis,
+                    skipped: list[Skip]) -> list[tuple[Unit, LayerPlan, gs.Node]]:
+    """Every planned unit with its plan layer and node, checked before any mutation; units the
+    plan leaves out go to ``skipped``."""
     layers = {lp.unit: lp for lp in plan.layers}
-
-    graph = gs.import_onnx(m)
-    em = _Emitter(graph, options)
-    emitted: list[EmittedUnit] = []
-    skipped: list[Skip] = []
-    notes: list[str] = []
-    replaced_weights: list[gs.Tensor] = []
-
-    # checks first, mutation after
     accepted: list[tuple[Unit, LayerPlan, gs.Node]] = []
     for unit in analysis.units:
         lp = layers.get(unit.name)
@@ -665,59 +627,68 @@ def emit_qdq(
             if node.inputs[i].name != t:
                 raise PlanError(f"unit {unit.name}: input {i} is {node.inputs[i].name!r}, the analysis says {t!r}")
         accepted.append((unit, lp, node))
+    return accepted
 
-    pe_done = False
-    for unit, lp, node in accepted:
-        unit_notes: list[str] = []
-        operands: list[list[gs.Tensor]] = []
-        for i, aq in enumerate(lp.inputs):
-            if unit.role is Role.PATCH_EMBED and plan.input_quant is not None:
-                aq = dataclasses.replace(plan.input_quant, tensor=unit.inputs[i])
-                pe_done = True
-                unit_notes.append("input quantized by plan.input_quant")
-            operands.append(em.activation(node.inputs[i], aq))
-        if lp.weight is not None:
-            old_w = node.inputs[1]
-            wdq = em.weight(unit, node, lp.weight)
-            node.inputs[1] = wdq
-            replaced_weights.append(old_w)
-            if node.op == "Gemm":
-                em.split_gemm_bias(node)
-            operands.append([wdq])
-        n_mm = em.distribute(node, operands, [0, 1])
-        if node.op == "Conv":
-            unit_notes.append("ORT CPU runs DQ -> Conv without an output Q as a float Conv")
-        emitted.append(EmittedUnit(
-            unit=unit.name, role=unit.role.value, op_type=unit.op_type,
-            weight_bits=lp.w_bits, act_bits=tuple(a.bits for a in lp.inputs),
-            schemes=tuple(a.scheme.value for a in lp.inputs), matmuls=n_mm, notes=tuple(unit_notes),
-        ))
 
-    if plan.input_quant is not None and not pe_done:
-        t = em.tensors.get(plan.input_quant.tensor)
-        if t is None or t.name not in {i.name for i in graph.inputs}:
-            raise PlanError(
-                f"plan.input_quant quantizes {plan.input_quant.tensor!r}, which is neither a graph input nor "
-                f"read by a planned patch embedding"
-            )
-        consumers = list(t.outputs)
-        dq = em.activation(t, plan.input_quant)
-        if len(dq) != 1:
-            raise PlanError("plan.input_quant must be a uniform quantizer")
-        for c in consumers:
-            for i, inp in enumerate(c.inputs):
-                if inp is t:
-                    c.inputs[i] = dq[0]
-        notes.append(f"plan.input_quant emitted on graph input {t.name} (no planned patch embedding reads it)")
+def _emit_unit(em: _Emitter, unit: Unit, lp: LayerPlan, node: gs.Node, input_quant: ActQuant | None,
+               replaced_weights: list[gs.Tensor]) -> EmittedUnit:
+    """Quantize the unit's operands (the patch embedding's by ``input_quant`` when given) and
+    weight, and point its node (or one node per combination of twin parts, summed) at them."""
+    notes: list[str] = []
+    operands: list[list[gs.Tensor]] = []
+    for i, aq in enumerate(lp.inputs):
+        if unit.role is Role.PATCH_EMBED and input_quant is not None:
+            aq = dataclasses.replace(input_quant, tensor=unit.inputs[i])
+            notes.append("input quantized by plan.input_quant")
+        operands.append(em.activation(node.inputs[i], aq))
+    if lp.weight is not None:
+        old_w = node.inputs[1]
+        wdq = em.weight(unit, node, lp.weight)
+        node.inputs[1] = wdq
+        replaced_weights.append(old_w)
+        if node.op == "Gemm":
+            em.split_gemm_bias(node)
+        operands.append([wdq])
+    n_mm = em.distribute(node, operands, [0, 1])
+    if node.op == "Conv":
+        notes.append("ORT CPU runs DQ -> Conv without an output Q as a float Conv")
+    return EmittedUnit(
+        unit=unit.name, role=unit.role.value, op_type=unit.op_type,
+        weight_bits=lp.w_bits, act_bits=tuple(a.bits for a in lp.inputs),
+        schemes=tuple(a.scheme.value for a in lp.inputs), matmuls=n_mm, notes=tuple(notes),
+    )
 
-    graph.nodes.extend(em.new_nodes)
+
+def _emit_input_quant(em: _Emitter, graph: gs.Graph, input_quant: ActQuant) -> str:
+    """``plan.input_quant`` on the graph input it names (no planned patch embedding reads it)."""
+    t = em.tensors.get(input_quant.tensor)
+    if t is None or t.name not in {i.name for i in graph.inputs}:
+        raise PlanError(
+            f"plan.input_quant quantizes {input_quant.tensor!r}, which is neither a graph input nor "
+            f"read by a planned patch embedding"
+        )
+    consumers = list(t.outputs)
+    dq = em.activation(t, input_quant)
+    if len(dq) != 1:
+        raise PlanError("plan.input_quant must be a uniform quantizer")
+    for c in consumers:
+        for i, inp in enumerate(c.inputs):
+            if inp is t:
+                c.inputs[i] = dq[0]
+    return f"plan.input_quant emitted on graph input {t.name} (no planned patch embedding reads it)"
+
+
+def _export(em: _Emitter, graph: gs.Graph, named: onnx.ModelProto, replaced_weights: list[gs.Tensor],
+            marker: str) -> onnx.ModelProto:
+    """Add the built nodes, drop the float weights nothing reads any more, sort, export into a copy
+    of ``named`` with the marker, and check the result."""
+    graph.nodes.extend(em.built.nodes)
     for w in replaced_weights:
         em.drop_dead_chain(w)
     graph.toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
-
     out = onnx.ModelProto()
-    out.CopyFrom(m)
+    out.CopyFrom(named)
     out.graph.CopyFrom(exported.graph)
     prop = out.metadata_props.add()
     prop.key, prop.value = MARKER_KEY, marker
@@ -725,20 +696,45 @@ def emit_qdq(
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as e:  # a bug in this pass, not the user's fault
         raise RuntimeError(f"emit_qdq produced an invalid model: {str(e).splitlines()[0]}") from e
+    return out
+
+
+def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult:
+    """Write ``plan`` into a copy of ``model`` as QDQ (see the module docstring)."""
+    done = _already_emitted(model, plan, analysis)
+    if done is not None:
+        return done
+    named, graph = _open(model, plan, analysis)
+    resolved = rederive_steps(plan)
+    for note in resolved.notes:
+        log.warning("%s", note)
+    work = resolved.plan
+    em = _Emitter(graph, work.emission)
+    skipped: list[Skip] = []
+    accepted = _accepted_units(em, work, analysis, skipped)
+    replaced_weights: list[gs.Tensor] = []
+    emitted = [_emit_unit(em, unit, lp, node, work.input_quant, replaced_weights) for unit, lp, node in accepted]
+    notes = list(resolved.notes)
+    pe_done = work.input_quant is not None and any(u.role is Role.PATCH_EMBED for u, _, _ in accepted)
+    if work.input_quant is not None and not pe_done:
+        notes.append(_emit_input_quant(em, graph, work.input_quant))
+    marker = marker_value(plan)
+    out = _export(em, graph, named, replaced_weights, marker)
 
     counts = em.added
     other = tuple(sorted((k, v) for k, v in counts.items()
                          if k not in ("QuantizeLinear", "DequantizeLinear", "WeightDequantizeLinear", "Clip",
                                       "uint8 weights")))
+    e = work.emission
     report = EmitReport(
-        model_digest=analysis.model_digest, plan_digest=digest, marker=marker,
-        symmetric_container=options.symmetric_container.value, range_form=options.range_form.value,
+        model_digest=analysis.model_digest, plan_digest=plan_digest(plan), marker=marker,
+        symmetric_container=e.symmetric_container.value, range_form=e.range_form.value,
         quantize_nodes=counts["QuantizeLinear"], dequantize_nodes=counts["DequantizeLinear"],
         weight_dequantize_nodes=counts["WeightDequantizeLinear"], clip_nodes=counts["Clip"],
-        uint8_weights=counts["uint8 weights"], weight_container=options.weight_container.value,
+        uint8_weights=counts["uint8 weights"], weight_container=e.weight_container.value,
         other_nodes=other, units=tuple(emitted), skipped=tuple(skipped), notes=tuple(notes),
     )
     log.info("emitted %d units (%d Q, %d DQ, %d weight DQ, %d Clip); %d skipped", len(emitted),
              report.quantize_nodes, report.dequantize_nodes, report.weight_dequantize_nodes, report.clip_nodes,
              len(skipped))
-    return out, report
+    return EmitResult(out, report, resolved.notes)

@@ -11,6 +11,19 @@ DequantizeLinear produces them); the products are accumulated in float64 and rou
 float32, so the reference sits within float32 rounding of both ORT paths (the float matmul of
 the dequantized values, and the integer kernels, which accumulate exactly in int32 and scale
 once). Numpy only: capturing the unit's operands from a model is the caller's business.
+
+The quantizers are computed here from the plan record's numbers by their own short arithmetic
+(float32 division, round half to even), deliberately not through :meth:`ActQuant.params` or the
+emitter, so that a mistake in the one conversion the package uses shows up as a disagreement
+with this reference::
+
+    uniform  x_hat = (clamp(rint(x / s) + z, lo, hi) - z) s,  lo, hi = -(2^(b-1) - 1), 2^(b-1) - 1
+                                                               (symmetric) or 0, 2^b - 1
+    twin     n = 2^(b-1) - 1, d2 = 2^m d1
+             gelu:    x < 0: -d1 clamp(rint(-x / d1), 0, n),  else d2 clamp(rint(x / d2), 0, n)
+             softmax: x < t: d1 clamp(rint(x / d1), 0, n),   else d2 clamp(rint(x / d2), 0, n)
+                      (t = split, default 2^(b-1) d1)
+    weight   W_hat[.., c, ..] = clamp(rint(W / s_c), -(2^(b-1) - 1), 2^(b-1) - 1) s_c
 """
 
 from __future__ import annotations
@@ -21,19 +34,14 @@ import numpy as np
 
 from ..errors import PlanError
 from ..graph.analysis import Role, Unit
-from ..numerics.quant import UniformParams, fake_quant
-from ..numerics.twin import twin_fake_quant
+from ..numerics.conv import ConvGeometry as _Geometry
+from ..numerics.conv import im2col
 from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
-from .emit_qdq import twin_params, uniform_params
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-    """Attributes of a 2-D Conv (group 1)."""
-
-    strides: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
-    dilations: tuple[int, int] = (1, 1)
+class ConvGeometry(_Geometry):
+    """Attributes of a 2-D Conv (group 1), read from a node's attributes."""
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "ConvGeometry":
@@ -45,41 +53,56 @@ class ConvGeometry:
                    tuple(attrs.get("dilations", (1, 1))))
 
 
+def _grid(x: np.ndarray, step, lo, hi, zp=0) -> np.ndarray:
+    """float32 ``(clamp(rint(x / step) + zp, lo, hi) - zp) * step`` (float32 division)."""
+    step = np.asarray(step, dtype=np.float32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint(x / step) + np.float32(zp), np.float32(lo), np.float32(hi))
+    return ((q - np.float32(zp)) * step).astype(np.float32)
+
+
 def fake_quant_operand(x: np.ndarray, aq: ActQuant) -> np.ndarray:
-    """float32 ``Qa(x)``: the uniform or twin-region fake quantization the plan describes."""
+    """float32 ``Qa(x)``: the uniform or twin-region fake quantization the record describes."""
     x = np.asarray(x, dtype=np.float32)
+    b = aq.bits
     if aq.scheme is Scheme.TWIN:
-        return twin_fake_quant(x, twin_params(aq))
-    return fake_quant(x, uniform_params(aq))
+        n = 2 ** (b - 1) - 1
+        d1 = np.float32(aq.delta1)
+        d2 = np.float32(d1 * np.float32(2.0 ** int(aq.m)))
+        if aq.twin_kind.value == "gelu":  # type: ignore[union-attr]
+            return np.where(x < 0, -_grid(-np.minimum(x, 0), d1, 0, n), _grid(np.maximum(x, 0), d2, 0, n))
+        split = np.float32(d1 * 2 ** (b - 1) if aq.split is None else aq.split)
+        return np.where(x < split, _grid(x, d1, 0, n), _grid(x, d2, 0, n))
+    if aq.symmetric:
+        lo, hi = -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
+    else:
+        lo, hi = 0, 2**b - 1
+    return _grid(x, np.float32(aq.scale), lo, hi, int(aq.zero_point))
 
 
 def fake_quant_weight(w: np.ndarray, wq: WeightQuant, axis: int) -> np.ndarray:
     """float32 ``Qw(W)``, per output channel along ``axis`` (1 for a (K, N) weight, 0 for Conv)."""
     w = np.asarray(w, dtype=np.float32)
-    scales = np.asarray(wq.scales, dtype=np.float32)
-    if scales.shape[0] != w.shape[axis]:
-        raise PlanError(f"{scales.shape[0]} weight scales for {w.shape[axis]} output channels")
-    p = UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
-    return fake_quant(w, p)
+    if len(wq.scales) != w.shape[axis]:
+        raise PlanError(f"{len(wq.scales)} weight scales for {w.shape[axis]} output channels")
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    top = 2 ** (wq.bits - 1) - 1
+    return _grid(w, np.asarray(wq.scales, dtype=np.float32).reshape(shape), -top, top)
 
 
 def _conv2d(x: np.ndarray, w: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     """float64 NCHW convolution by im2col. x (B, C, H, W), w (O, C, kh, kw) -> (B, O, H', W')."""
-    b, c, h, wd = x.shape
+    b, c = x.shape[:2]
     o, ci, kh, kw = w.shape
     if ci != c:
         raise ValueError(f"conv weight expects {ci} channels, the input has {c}")
     pt, pl, pb, pr = geo.pads
-    sh, sw = geo.strides
-    dh, dw = geo.dilations
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    wo = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((b, ho, wo, c, kh, kw), dtype=np.float64)  # (B, H', W', C, kh, kw)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, :, i, j] = xp[:, :, i * dh: i * dh + sh * ho: sh, j * dw: j * dw + sw * wo: sw].transpose(0, 2, 3, 1)
-    y = cols.reshape(b * ho * wo, -1) @ w.reshape(o, -1).T.astype(np.float64)  # (B H' W', O)
+    (sh, sw), (dh, dw) = geo.strides, geo.dilations
+    ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    cols = im2col(np.asarray(x, dtype=np.float64), (kh, kw), geo)  # (B H' W', C kh kw)
+    y = cols @ w.reshape(o, -1).T.astype(np.float64)  # (B H' W', O)
     return y.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)
 
 

@@ -63,7 +63,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import FoldFallback, ShiftMode, SmoothConfig
 from ..errors import CalibrationError, PlanError
-from ..graph.analysis import GraphView, LayerNormInfo, ModelAnalysis
+from ..graph.analysis import GraphView, LayerNormInfo, ModelAnalysis, Unit
 from ..graph.io import assign_node_names, graph_digest
 from ..numerics.quant import fake_quant, minmax_params, weight_params
 from ..numerics.smoothing import (
@@ -78,6 +78,7 @@ from ..numerics.smoothing import (
 )
 from ..plan import FoldMode, SmoothedNorm, SmoothingPlan
 from ..records import Record
+from .naming import UniqueNames
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +181,6 @@ def _open(model: onnx.ModelProto, analysis: ModelAnalysis) -> tuple[onnx.ModelPr
     view = GraphView(graph)
     nodes = {n.name: n for n in graph.nodes}
     return m, graph, view, nodes
-
-
-def _effective_weight(view: GraphView, node: gs.Node) -> np.ndarray:
-    """The (K, N) weight a Linear multiplies its input with."""
-    w = view.const(node.inputs[1])
-    if w is None or w.ndim != 2:
-        raise PlanError(f"{node.name}: weight is not a constant matrix")
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)) != 0:
-        w = w.T
-    return np.asarray(w, dtype=np.float32)
 
 
 def _stats_arrays(stats: _StatsLike, ln: LayerNormInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -323,7 +314,7 @@ def plan_smoothing(
         mean, lo, hi = _stats_arrays(stats, ln)
         mu = shift_vector(mean, lo, hi, cfg.shift)  # (C,)
         act_absmax = shifted_absmax(lo, hi, mu)  # (C,)
-        weights = [_effective_weight(view, nodes[c]) for c in ln.consumers]  # [(C, N_k)]
+        weights = [analysis.unit(c).effective_weight(view) for c in ln.consumers]  # [(C, N_k)]
         w_absmax = weight_absmax_rows(weights)  # (C,)
         if cfg.alpha_search:
             if samples is None or ln.output not in samples:
@@ -362,20 +353,6 @@ def plan_smoothing(
 
 # ---------------------------------------------------------------------------------------------
 # surgery
-
-
-class _Names:
-    """Fresh tensor/node names, never colliding with existing ones."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 @dataclasses.dataclass
@@ -485,12 +462,11 @@ def _shaped_like(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     return new.reshape(old.shape) if old.size == new.size else new
 
 
-def _linear_edits(view: GraphView, node: gs.Node, unit_bias_node: gs.Node | None, mu: np.ndarray, eps: np.ndarray,
-                  names: _Names) -> list:
+def _linear_edits(view: GraphView, unit: Unit, node: gs.Node, unit_bias_node: gs.Node | None, mu: np.ndarray,
+                  eps: np.ndarray, names: UniqueNames) -> list:
     """Scale the weight rows by eps and add mu @ W to the bias of one Linear."""
     edits: list = []
-    w = _effective_weight(view, node)  # (K, N)
-    trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) != 0
+    w = unit.effective_weight(view)  # (K, N)
     if node.op == "Gemm":
         alpha_g = float(node.attrs.get("alpha", 1.0))
         beta_g = float(node.attrs.get("beta", 1.0))
@@ -515,13 +491,13 @@ def _linear_edits(view: GraphView, node: gs.Node, unit_bias_node: gs.Node | None
         else:
             w_new, b_new = fold_linear(w, None, mu, eps)
             edits.append(_BiasAdd(node, b_new, names(f"{node.name}.sqb_bias")))
-    stored = w_new.T if trans_b else w_new
+    stored = unit.effective(w_new)  # back to the layout the node reads: (K, N), or (N, K) for transB (its own inverse)
     edits.insert(0, _const_edit(view, node, 1, stored, names(f"{node.name}.sqb_weight")))
     return edits
 
 
 def _layernorm_edits(view: GraphView, nodes: dict[str, gs.Node], ln: LayerNormInfo, mu: np.ndarray, eps: np.ndarray,
-                     names: _Names) -> list:
+                     names: UniqueNames) -> list:
     c = mu.shape[0]
     if ln.form == "op":
         node = nodes[ln.name]
@@ -546,7 +522,7 @@ def _layernorm_edits(view: GraphView, nodes: dict[str, gs.Node], ln: LayerNormIn
     ]
 
 
-def _apply_edit(graph: gs.Graph, edit, names: _Names) -> int:
+def _apply_edit(graph: gs.Graph, edit, names: UniqueNames) -> int:
     """Perform one edit; returns the number of nodes added."""
     if isinstance(edit, _ConstEdit):
         if edit.head is not None:
@@ -569,7 +545,7 @@ def _apply_edit(graph: gs.Graph, edit, names: _Names) -> int:
         tmp = gs.Variable(names(f"{edit.node.name}.sqb_unbiased"), dtype=out.dtype or np.float32, shape=out.shape)
         edit.node.outputs[0] = tmp
         const = gs.Constant(edit.name, np.ascontiguousarray(edit.value, dtype=np.float32))
-        graph.nodes.append(gs.Node("Add", name=names(f"{edit.node.name}.sqb_bias_add"), inputs=[tmp, const], outputs=[out]))
+        graph.layer(op="Add", name=names(f"{edit.node.name}.sqb_bias_add"), inputs=[tmp, const], outputs=[out])
         return 1
     if isinstance(edit, _ShiftScale):
         x = edit.tensor
@@ -579,8 +555,8 @@ def _apply_edit(graph: gs.Graph, edit, names: _Names) -> int:
         inv = gs.Constant(names(f"{edit.ln}.sqb_inv_scale{edit.suffix}"), np.ascontiguousarray(edit.inv_eps, dtype=np.float32))
         shifted = gs.Variable(names(f"{edit.ln}.sqb_shifted{edit.suffix}"), dtype=dtype, shape=shape)
         smoothed = gs.Variable(names(f"{edit.ln}.sqb_smoothed{edit.suffix}"), dtype=dtype, shape=shape)
-        graph.nodes.append(gs.Node("Sub", name=names(f"{edit.ln}.sqb_sub{edit.suffix}"), inputs=[x, mu], outputs=[shifted]))
-        graph.nodes.append(gs.Node("Mul", name=names(f"{edit.ln}.sqb_mul{edit.suffix}"), inputs=[shifted, inv], outputs=[smoothed]))
+        graph.layer(op="Sub", name=names(f"{edit.ln}.sqb_sub{edit.suffix}"), inputs=[x, mu], outputs=[shifted])
+        graph.layer(op="Mul", name=names(f"{edit.ln}.sqb_mul{edit.suffix}"), inputs=[shifted, inv], outputs=[smoothed])
         for node in edit.consumers:
             node.inputs[0] = smoothed
         return 2
@@ -639,12 +615,20 @@ def _conditioning(stats: _StatsLike | None, ln: LayerNormInfo, mu: np.ndarray | 
     return _shift_name(m64, mean, lo, hi), before, after
 
 
+@dataclasses.dataclass(frozen=True)
+class SmoothingResult:
+    """What :func:`apply_smoothing` returns: the smoothed model and its report."""
+
+    model: onnx.ModelProto
+    report: SmoothReport
+
+
 def apply_smoothing(
     model: onnx.ModelProto,
     plan: SmoothingPlan,
     analysis: ModelAnalysis,
     stats: _StatsLike | None = None,
-) -> tuple[onnx.ModelProto, SmoothReport]:
+) -> SmoothingResult:
     """Apply ``plan`` to a copy of ``model``; returns the new model and a report.
 
     ``analysis`` must describe ``model``; ``stats`` (optional, the statistics the plan was made
@@ -661,7 +645,7 @@ def apply_smoothing(
         raise PlanError(
             f"the smoothing plan was made for another model (plan digest {plan.source_digest}, model digest {digest})"
         )
-    names = _Names(graph)
+    names = UniqueNames(graph)
     claimed: dict[str, str] = {}
 
     # 1. compute every edit from the unmodified graph
@@ -685,7 +669,7 @@ def apply_smoothing(
         for c in sn.consumers:
             u = units[c]
             bias_node = nodes[u.bias_node] if u.bias_node is not None else None
-            edits += _linear_edits(view, nodes[c], bias_node, mu, eps, names)
+            edits += _linear_edits(view, u, nodes[c], bias_node, mu, eps, names)
         if sn.mode is FoldMode.FOLDED:
             edits += _layernorm_edits(view, nodes, ln, mu, eps, names)
         else:
@@ -738,4 +722,4 @@ def apply_smoothing(
         report.count(FoldMode.FOLDED), report.count(FoldMode.EXPLICIT), report.count(FoldMode.SKIPPED),
         nodes_before, report.nodes_after,
     )
-    return result, report
+    return SmoothingResult(result, report)

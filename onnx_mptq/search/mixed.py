@@ -76,11 +76,11 @@ from ..errors import CalibrationError, ConfigError
 from ..graph.analysis import GELU_KINDS, Activation, ModelAnalysis, Role, Unit
 from ..numerics.quant import UniformParams, fake_quant, params_from_range
 from ..numerics.search import candidate_fractions, coarse_to_fine, search_weight_scales
-from ..numerics.twin import TwinParams, search_twin, search_twin_operand, twin_fake_quant
-from ..plan import ActQuant, LayerPlan, Scheme, WeightQuant
+from ..numerics.twin import search_twin, search_twin_operand, twin_fake_quant
+from ..plan import ActQuant, LayerPlan, WeightQuant
 from ..records import Record
 from ..evaluate.factory import evaluation_graph, make_evaluator
-from .scales import _best_of, _range_params, _twin_record, _uniform_record, twin_max_m  # one place builds plan records
+from .scales import _best_of, _range_params, twin_max_m
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,6 @@ def _rows(x: np.ndarray, n: int) -> np.ndarray:
     return x[np.unique(np.linspace(0, x.shape[0] - 1, n).astype(np.int64))]
 
 
-def _effective(w_read: np.ndarray, axis: int) -> np.ndarray:
-    """(K, N) of a weight in its node's layout: MatMul (K, N) axis 1; Gemm transB (N, K) axis 0;
-    Conv (O, I, kh, kw) axis 0 -> (I*kh*kw, O)."""
-    if w_read.ndim == 2:
-        return w_read if axis == 1 else w_read.T
-    return w_read.reshape(w_read.shape[0], -1).T
-
-
 class UnitQuantizers:
     """Search-time quantizers per (unit, bits), cached (module docstring)."""
 
@@ -296,7 +288,7 @@ class UnitQuantizers:
             t = time.perf_counter()
             w, axis = self.weights[unit]
             p = search_weight_scales(w, bits, x=None, axis=axis)
-            self._w[key] = WeightQuant(bits=bits, scales=tuple(float(s) for s in p.scale))
+            self._w[key] = WeightQuant.from_params(p)
             self.seconds += time.perf_counter() - t
         return self._w[key]
 
@@ -317,32 +309,32 @@ class UnitQuantizers:
         stats = self.captured.operand_stats(u.name)
         if u.role is Role.PATCH_EMBED or cap.kind is CaptureKind.CONV:
             p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.search.percentile)
-            return (_uniform_record(u.inputs[0], p),)
+            return (ActQuant.from_params(u.inputs[0], p),)
         if method is not ScaleMethod.OUTPUT_MSE:
-            return tuple(_uniform_record(t, _range_params(st, bits, sym, method, q.search.percentile))
+            return tuple(ActQuant.from_params(t, _range_params(st, bits, sym, method, q.search.percentile))
                          for t, st in zip(u.inputs, stats))
         if cap.kind is CaptureKind.ATTENTION:
             a, b = self._pairs(u)
             obj_a = _Proxy(a, np.sum(np.square(b, dtype=np.float64), axis=-1)[..., None, :])  # h (S, H, 1, K)
             pa = self._uniform(obj_a, stats[0], bits, sym)
-            qa = _uniform_record(u.inputs[0], pa)
+            qa = ActQuant.from_params(u.inputs[0], pa)
             if (q.optm.enabled and u.role is Role.ATTN_AV and u.activation is Activation.SOFTMAX
                     and _MIN_TWIN_BITS <= bits <= q.optm.max_bits and twin_max_m(self.cfg, "softmax", bits) >= 0):
                 tp = search_twin_operand(a, b, 0, bits, "softmax", max_m=twin_max_m(self.cfg, "softmax", bits), n_exact=1,
                                          refine_steps=0, **grid)
                 if obj_a(lambda v: twin_fake_quant(v, tp)) <= obj_a(lambda v: fake_quant(v, pa)):
-                    qa = _twin_record(u.inputs[0], tp)
-            a_fq = _fq(qa)(a)
+                    qa = ActQuant.from_params(u.inputs[0], tp)
+            a_fq = qa.fake_quant(a)
             obj_b = _Proxy(b, np.sum(np.square(a_fq, dtype=np.float64), axis=-2)[..., :, None])  # h (S, H, K, 1)
-            return (qa, _uniform_record(u.inputs[1], self._uniform(obj_b, stats[1], bits, sym)))
+            return (qa, ActQuant.from_params(u.inputs[1], self._uniform(obj_b, stats[1], bits, sym)))
         x, w, obj = self._linear(u)
         up = self._uniform(obj, stats[0], bits, sym)
-        act = _uniform_record(u.inputs[0], up)
+        act = ActQuant.from_params(u.inputs[0], up)
         if (q.optm.enabled and u.role is Role.FC2 and u.activation in GELU_KINDS and _MIN_TWIN_BITS <= bits <= q.optm.max_bits
                 and twin_max_m(self.cfg, "gelu", bits) >= 0):
             tp = search_twin(x, w, bits, "gelu", max_m=twin_max_m(self.cfg, "gelu", bits), n_exact=1, refine_steps=0, **grid)
             if obj(lambda v: twin_fake_quant(v, tp)) <= obj(lambda v: fake_quant(v, up)):
-                act = _twin_record(u.inputs[0], tp)
+                act = ActQuant.from_params(u.inputs[0], tp)
         return (act,)
 
     def _uniform(self, obj: "_Proxy", stats: TensorStats, bits: int, sym: bool) -> UniformParams:
@@ -361,7 +353,7 @@ class UnitQuantizers:
         if u.name not in self._obj:
             rows = self.captured[u.name].rows
             x = _rows(rows, self.tokens)  # (tokens, K)
-            w = _effective(*self.weights[u.name])  # (K, N)
+            w = u.effective(self.weights[u.name][0])  # (K, N)
             h = np.sum(np.square(w, dtype=np.float64), axis=1)[None, :]  # (1, K) = diag(W W^T)
             self._obj[u.name] = (x, w, _Proxy(x, h))
         return self._obj[u.name]
@@ -401,14 +393,6 @@ def _grid_search(obj, lo: float, hi: float, bits: int, symmetric: bool, grid_siz
     one = int(np.flatnonzero(fracs == 1.0)[0])
     best, _ = coarse_to_fine(len(fracs), err, n_coarse=20, always=(one,))
     return cands[best]
-
-
-def _fq(aq: ActQuant):
-    if aq.scheme is Scheme.TWIN:
-        tp = TwinParams(aq.twin_kind.value, aq.bits, aq.delta1, aq.m, aq.split)  # type: ignore[union-attr]
-        return lambda v: twin_fake_quant(v, tp)
-    p = UniformParams(np.float32(aq.scale), np.int32(aq.zero_point), aq.bits, aq.symmetric)
-    return lambda v: fake_quant(v, p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scale search: a :class:`QuantPlan` with every unit's steps, zero points, clip ranges and OPT-m
+"""Scale search: a :class:`QuantPlan` with every unit's steps, zero points and OPT-m
 twin quantizers, chosen on captured calibration inputs (method.md section 3).
 
 Per unit, with ``X`` its captured input rows ``(tokens, K)`` and ``W`` its effective ``(K, N)``
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,8 @@ from tqdm import tqdm
 from ..config import Config, ScaleMethod
 from ..errors import CalibrationError, ConfigError, PlanError, UnsupportedModelError
 from ..graph.analysis import GELU_KINDS, Activation, GraphView, ModelAnalysis, Role, Unit
-from ..numerics.quant import UniformParams, dequantized_bounds, fake_quant, params_from_range
+from ..numerics.conv import ConvGeometry, im2col
+from ..numerics.quant import UniformParams, fake_quant, params_from_range
 from ..numerics.search import (
     LinearObjective,
     OperandObjective,
@@ -59,8 +61,8 @@ from ..numerics.search import (
     search_matmul_operand_scale,
     search_weight_scales,
 )
-from ..numerics.twin import TwinParams, lattice_max_m, search_twin, search_twin_operand, twin_fake_quant
-from ..plan import ActQuant, LayerPlan, QuantPlan, Scheme, SmoothingPlan, TwinKind, WeightQuant, average_bits
+from ..numerics.twin import lattice_max_m, search_twin, search_twin_operand, twin_fake_quant
+from ..plan import ActQuant, Emission, LayerPlan, QuantPlan, SmoothingPlan, WeightQuant, average_bits
 
 if TYPE_CHECKING:  # records only: search does not import calibrate (and onnxruntime) at run time
     from ..calibrate.capture import CapturedInputs, TensorStats
@@ -74,16 +76,6 @@ _MIN_TWIN_BITS = 3
 
 # ---------------------------------------------------------------------------------------------
 # model access: effective weights and conv geometry
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-    """What im2col needs of a Conv node (2-d spatial)."""
-
-    kernel: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
-    dilations: tuple[int, int] = (1, 1)
 
 
 class _ModelWeights:
@@ -105,22 +97,19 @@ class _ModelWeights:
         return n
 
     def weight(self, unit: Unit) -> np.ndarray:
-        """Linear: effective (K, N) float32; Conv: (O, I, kh, kw)."""
-        node = self.node(unit)
-        w = self.view.const(node.inputs[1])
-        if w is None:
-            raise UnsupportedModelError(f"unit {unit.name}: weight {unit.weight_input!r} is not a constant")
-        w = np.asarray(w, dtype=np.float32)
-        if unit.op_type == "Gemm" and int(node.attrs.get("transB", 0)):
-            w = w.T
+        """Linear: effective (K, N) float32 (:meth:`Unit.effective_weight`); Conv: (O, I, kh, kw)."""
+        self.node(unit)
+        w = unit.weight_as_read(self.view)
+        if unit.op_type != "Conv":
+            w = unit.effective(w)
         if unit.op_type != "Conv" and w.shape != (unit.in_features, unit.out_features):
             raise UnsupportedModelError(
                 f"unit {unit.name}: effective weight has shape {w.shape}, expected "
                 f"({unit.in_features}, {unit.out_features})")
         return np.ascontiguousarray(w)
 
-    def conv_geometry(self, unit: Unit, w: np.ndarray) -> ConvGeometry | str:
-        """The geometry, or the reason im2col does not apply."""
+    def conv_geometry(self, unit: Unit, w: np.ndarray) -> tuple[tuple[int, int], ConvGeometry] | str:
+        """The kernel size and geometry, or the reason im2col does not apply."""
         a = self.node(unit).attrs
         if w.ndim != 4:
             return f"{w.ndim - 2}-d convolution"
@@ -134,61 +123,16 @@ class _ModelWeights:
         strides = tuple(int(s) for s in a.get("strides", (1, 1)))
         pads = tuple(int(p) for p in a.get("pads", (0, 0, 0, 0))) if auto == "NOTSET" else (0, 0, 0, 0)
         dil = tuple(int(d) for d in a.get("dilations", (1, 1)))
-        return ConvGeometry(kernel=kernel, strides=strides, pads=pads, dilations=dil)  # type: ignore[arg-type]
+        return kernel, ConvGeometry(strides=strides, pads=pads, dilations=dil)  # type: ignore[return-value,arg-type]
 
 
-def im2col(images: np.ndarray, g: ConvGeometry) -> np.ndarray:
-    """Patches of ``images`` (S, C, H, W) as rows (S * OH * OW, C * kh * kw), flattened in
-    (C, kh, kw) order: ``conv(x, W)[s, o, i, j] == patches[(s, i, j)] @ W.reshape(O, -1)[o]``."""
-    x = np.asarray(images, dtype=np.float32)
-    t, l, b, r = g.pads
-    if any(g.pads):
-        x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
-    s, c, h, w = x.shape
-    kh, kw = g.kernel
-    sh, sw = g.strides
-    dh, dw = g.dilations
-    oh = (h - (dh * (kh - 1) + 1)) // sh + 1
-    ow = (w - (dw * (kw - 1) + 1)) // sw + 1
-    if oh < 1 or ow < 1:
-        raise CalibrationError(f"conv kernel {g.kernel} does not fit the captured images {images.shape}")
-    cols = np.empty((s, c, kh, kw, oh, ow), dtype=np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = x[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(s * oh * ow, c * kh * kw)  # (S*OH*OW, C*kh*kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# quantizers <-> plan records
-
-
-def _uniform_record(tensor: str, p: UniformParams) -> ActQuant:
-    lo, hi = dequantized_bounds(p)
-    return ActQuant(tensor=tensor, bits=p.bits, scheme=Scheme.UNIFORM, symmetric=p.symmetric,
-                    scale=float(p.scale), zero_point=int(p.zero_point), clip_min=float(lo), clip_max=float(hi))
-
-
-def _twin_record(tensor: str, p: TwinParams) -> ActQuant:
-    n = p.levels
-    lo = -n * p.delta1 if p.kind == "gelu" else 0.0
-    return ActQuant(tensor=tensor, bits=p.bits, scheme=Scheme.TWIN, symmetric=p.kind == "gelu",
-                    scale=p.delta1, zero_point=0, clip_min=float(lo), clip_max=float(n * p.delta2),
-                    twin_kind=TwinKind(p.kind), delta1=p.delta1, m=p.m, split=p.split)
-
-
-def act_fake_quant(q: ActQuant) -> FakeQuant:
-    """The elementwise fake-quantizer an :class:`ActQuant` describes (float32 in and out)."""
-    if q.scheme is Scheme.TWIN:
-        tp = TwinParams(q.twin_kind.value, q.bits, q.delta1, q.m, q.split)  # type: ignore[union-attr]
-        return lambda v: twin_fake_quant(v, tp)
-    up = UniformParams(np.float32(q.scale), np.int32(q.zero_point), q.bits, q.symmetric)
-    return lambda v: fake_quant(v, up)
-
-
-def weight_params(wq: WeightQuant, axis: int) -> UniformParams:
-    scales = np.asarray(wq.scales, dtype=np.float32)
-    return UniformParams(scales, np.zeros(scales.shape, np.int32), wq.bits, True, axis=axis)
+def _patches(images: np.ndarray, kernel: tuple[int, int], g: ConvGeometry) -> np.ndarray:
+    """float32 im2col rows (S * OH * OW, C * kh * kw) of the captured images
+    (:func:`onnx_mptq.numerics.conv.im2col`)."""
+    try:
+        return im2col(np.asarray(images, dtype=np.float32), kernel, g)
+    except ValueError as e:
+        raise CalibrationError(f"{e} (the captured images)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +170,7 @@ def _operands(unit: Unit, captured: CapturedInputs, weights: _ModelWeights) -> _
     if isinstance(geom, str):
         return _Operands(x=None, w=w2, w_axis=0, w_stored=w,
                          note=f"unit {unit.name}: {geom}; weight steps from the weight error alone, input by min/max")
-    return _Operands(x=im2col(cap.images, geom), w=w2, w_axis=0, w_stored=w)  # type: ignore[arg-type]
+    return _Operands(x=_patches(cap.images, *geom), w=w2, w_axis=0, w_stored=w)
 
 
 def _range_params(stats: TensorStats, bits: int, symmetric: bool, method: ScaleMethod, pct: float) -> UniformParams:
@@ -299,7 +243,7 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     grid = dict(grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
     notes: list[str] = [ops.note] if ops.note else []
     wp = search_weight_scales(ops.w_stored, wb, x=ops.x, axis=ops.w_axis)
-    wq = WeightQuant(bits=wb, scales=tuple(float(s) for s in wp.scale))
+    wq = WeightQuant.from_params(wp)
     w_fq = np.ascontiguousarray(np.moveaxis(fake_quant(ops.w_stored, wp), ops.w_axis, -1).reshape(ops.w.shape))
 
     obj = LinearObjective(ops.x, ops.w, w_fq) if ops.x is not None else None
@@ -308,12 +252,12 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     else:
         up = search_activation_scale(ops.x, ops.w, ab, sym, w_fq=w_fq, method="mse", pct=q.search.percentile, **grid)
         up = _best_of(obj, [up, *_range_candidates(stats, ab, sym, q.search.percentile)])
-    act = _uniform_record(unit.inputs[0], up)
+    act = ActQuant.from_params(unit.inputs[0], up)
 
     if (q.optm.enabled and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
             and _MIN_TWIN_BITS <= ab <= q.optm.max_bits and twin_max_m(cfg, "gelu", ab) >= 0):
         ref = float(np.sum(np.square(ops.x @ ops.w, dtype=np.float64)))
-        e_uni = obj(act_fake_quant(act))
+        e_uni = obj(act.fake_quant)
         tp = search_twin(ops.x, ops.w, ab, "gelu", max_m=twin_max_m(cfg, "gelu", ab), w_fq=w_fq, **grid)
         e_twin = obj(lambda v: twin_fake_quant(v, tp))
         keep = e_twin <= e_uni
@@ -323,7 +267,7 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
             f"uniform {_rel(e_uni, ref):.6g})")
         uni = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(act,), weight=wq,
                         params=int(ops.w.size), act_elems=elems)
-        twin = dataclasses.replace(uni, inputs=(_twin_record(unit.inputs[0], tp),))
+        twin = dataclasses.replace(uni, inputs=(ActQuant.from_params(unit.inputs[0], tp),))
         option = TwinOption(unit.name, "gelu", uni, twin, _rel(e_uni, ref), _rel(e_twin, ref))
         return _UnitResult(twin if keep else uni, tuple(notes), option)
     layer = LayerPlan(unit=unit.name, role=unit.role.value, inputs=(act,), weight=wq,
@@ -341,8 +285,7 @@ def _search_operand(a, b, which, bits, sym, method, stats, cfg, other_fq=None) -
 
 
 def _attention_error(a, b, qa: ActQuant, qb: ActQuant) -> float:
-    a_fq = act_fake_quant(qa)(a)
-    return OperandObjective(a, b, 1, other_fq=a_fq)(act_fake_quant(qb))
+    return OperandObjective(a, b, 1, other_fq=qa.fake_quant(a))(qb.fake_quant)
 
 
 def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, TensorStats], ab: int, cfg: Config,
@@ -354,20 +297,20 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
     notes: list[str] = []
 
     def with_first(qa: ActQuant) -> tuple[ActQuant, float]:
-        a_fq = act_fake_quant(qa)(a)
+        a_fq = qa.fake_quant(a)
         pb = _search_operand(a, b, 1, ab, sym, method, stats[1], cfg, other_fq=a_fq)
-        qb = _uniform_record(unit.inputs[1], pb)
-        return qb, OperandObjective(a, b, 1, other_fq=a_fq)(act_fake_quant(qb))
+        qb = ActQuant.from_params(unit.inputs[1], pb)
+        return qb, OperandObjective(a, b, 1, other_fq=a_fq)(qb.fake_quant)
 
     pa = _search_operand(a, b, 0, ab, sym, method, stats[0], cfg)
-    qa = _uniform_record(unit.inputs[0], pa)
+    qa = ActQuant.from_params(unit.inputs[0], pa)
     qb, err = with_first(qa)
     if (q.optm.enabled and unit.role is Role.ATTN_AV and unit.activation is Activation.SOFTMAX
             and _MIN_TWIN_BITS <= ab <= q.optm.max_bits and twin_max_m(cfg, "softmax", ab) >= 0):
         ref = float(np.sum(np.square(np.matmul(a, b), dtype=np.float64)))
         tp = search_twin_operand(a, b, 0, ab, "softmax", max_m=twin_max_m(cfg, "softmax", ab), grid_size=q.search.grid_size,
                                  low=q.search.grid_low, high=q.search.grid_high)
-        qa_twin = _twin_record(unit.inputs[0], tp)
+        qa_twin = ActQuant.from_params(unit.inputs[0], tp)
         qb_twin, err_twin = with_first(qa_twin)
         keep = err_twin <= err
         notes.append(
@@ -411,6 +354,16 @@ def _check_captured(analysis: ModelAnalysis, captured: CapturedInputs) -> None:
         raise CalibrationError(f"no captured inputs for unit(s) {', '.join(missing[:5])}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaleSearchResult:
+    """What :func:`search_scales` returns: the plan, and per unit where OPT-m searched a twin
+    quantizer both of its layers (:class:`TwinOption`), for a network-level choice
+    (:func:`onnx_mptq.search.optm.select_twins`); read-only."""
+
+    plan: QuantPlan
+    twin_options: Mapping[str, TwinOption] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+
+
 def search_scales(
     model: onnx.ModelProto,
     analysis: ModelAnalysis,
@@ -421,16 +374,15 @@ def search_scales(
     source_digest: str,
     smoothing: SmoothingPlan | None = None,
     progress: bool = True,
-    twin_options: dict[str, TwinOption] | None = None,
-) -> QuantPlan:
+) -> ScaleSearchResult:
     """Build a :class:`QuantPlan` for every unit of ``analysis`` (module docstring).
 
     ``model`` is the (smoothed) float graph ``analysis`` and ``captured`` describe; ``bits`` maps
     unit names to ``(w_bits, a_bits)`` (others use ``cfg.quant.w_bits`` / ``a_bits``; an
     attention matmul's w_bits is ignored). ``source_digest`` is the user's FP32 model's digest.
-    ``twin_options``, when given, receives a :class:`TwinOption` per unit where OPT-m searched a
-    twin quantizer (both layers, whichever the plan holds), for a network-level choice
-    (:func:`onnx_mptq.search.optm.select_twins`).
+    The plan's ``emission`` records how it is to be written (``cfg.quant.emission``, the
+    other choices at their defaults); the result's ``twin_options`` holds a :class:`TwinOption`
+    per unit where OPT-m searched a twin quantizer (both layers, whichever the plan holds).
     Deterministic: units in graph order, no random draws.
     """
     _check_captured(analysis, captured)
@@ -440,6 +392,7 @@ def search_scales(
     layers: list[LayerPlan] = []
     notes: list[str] = []
     input_quant: ActQuant | None = None
+    twin_options: dict[str, TwinOption] = {}
     quiet = not progress
     for unit in tqdm(analysis.units, desc="scale search", unit="layer", disable=quiet, leave=False):
         wb, ab = per_unit.get(unit.name, (q.w_bits, q.a_bits))
@@ -456,22 +409,24 @@ def search_scales(
             res = _search_linear(unit, ops, stats[0], wb, ab, cfg, int(cap.elems_per_sample[0]))
         layers.append(res.layer)
         notes.extend(res.notes)
-        if res.option is not None and twin_options is not None:
+        if res.option is not None:
             twin_options[unit.name] = res.option
         log.debug("unit %s: w%s a%d", unit.name, res.layer.w_bits, res.layer.a_bits)
     if input_quant is not None:
         notes.insert(0, f"input: {input_quant.tensor} at {q.input_bits} bits (left out of the activation average)")
     avg_w, avg_a = average_bits(layers)
-    return QuantPlan(
+    plan = QuantPlan(
         source_digest=source_digest,
         model_digest=analysis.model_digest,
         layers=tuple(layers),
         smoothing=smoothing,
         input_quant=input_quant,
+        emission=q.emission.record(),
         avg_weight_bits=avg_w,
         avg_activation_bits=avg_a,
         notes=tuple(notes),
     )
+    return ScaleSearchResult(plan, types.MappingProxyType(twin_options))
 
 
 def layer_output_errors(
@@ -499,8 +454,7 @@ def layer_output_errors(
             continue
         if lp.weight is None:
             raise PlanError(f"plan layer {unit.name} has no weight quantizer")
-        wp = weight_params(lp.weight, ops.w_axis)
-        w_fq = np.moveaxis(fake_quant(ops.w_stored, wp), ops.w_axis, -1).reshape(ops.w.shape)
+        w_fq = np.moveaxis(lp.weight.fake_quant(ops.w_stored, ops.w_axis), ops.w_axis, -1).reshape(ops.w.shape)
         ref = float(np.sum(np.square(ops.x @ ops.w, dtype=np.float64)))
-        out[unit.name] = _rel(LinearObjective(ops.x, ops.w, w_fq)(act_fake_quant(lp.inputs[0])), ref)
+        out[unit.name] = _rel(LinearObjective(ops.x, ops.w, w_fq)(lp.inputs[0].fake_quant), ref)
     return out
