@@ -25,6 +25,7 @@ from .config import (
     ScaleMethod,
     ShiftMode,
     SmoothConfig,
+    WeightStorage,
 )
 from .errors import ConfigError, MptqError
 
@@ -193,6 +194,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         qkw["optm_select"] = OptmSelect(args.optm_select)
     if getattr(args, "weight_container", None):
         qkw["weight_container"] = args.weight_container
+    if getattr(args, "weight_storage", None):
+        qkw["weight_storage"] = WeightStorage(args.weight_storage)
     if qkw:
         quant = QuantConfig(**{**_fields(quant), **qkw})
     if getattr(args, "mixed_precision", False) or getattr(args, "target_bits", None) is not None or getattr(args, "target_size", None) is not None:
@@ -317,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight codes in the model: auto (default) = int8 where every code is within +-64, else "
                         "uint8 + 128, exact on every CPU; int8 = int8 everywhere (fastest on VNNI/ARM CPUs, "
                         "saturates on x86 AVX2 without VNNI)")
+    s.add_argument("--weight-storage", choices=[x.value for x in WeightStorage], default=None,
+                   help="weight codes in the file: auto (default) = int4, two codes a byte, for weights of <= 4 bits "
+                        "where the model is at opset >= 21, else int8; int4 = also convert an older model to "
+                        "opset 21 (recorded in the plan); int8 = one code a byte, any opset")
     s.add_argument("--optm-select", choices=[x.value for x in OptmSelect], default=None,
                    help="keep a twin quantizer where it measurably improves the network's logits on calibration "
                         "data (network, default) or where it lowers its layer's output error (layer)")

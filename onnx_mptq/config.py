@@ -49,6 +49,14 @@ class ScaleMethod(str, enum.Enum):
     PERCENTILE = "percentile"
 
 
+class WeightStorage(str, enum.Enum):
+    """How weight codes are stored in the emitted file (passes/pack_int4.py)."""
+
+    AUTO = "auto"  # int4 where the model's opset is >= 21 already, else int8 (no opset change)
+    INT8 = "int8"  # one code a byte (today's form, every opset >= 13)
+    INT4 = "int4"  # codes of 4 bits or fewer packed two a byte; converts the model to opset 21 if older
+
+
 def _check(cond: bool, path: str, msg: str, value: Any) -> None:
     if not cond:
         raise ConfigError(f"{path} {msg}, got {value!r}")
@@ -124,6 +132,10 @@ class QuantConfig:
     # VNNI"): auto = int8 where every code is within +-64, else uint8 + 128 (exact on every CPU);
     # int8 = int8 everywhere (fastest on VNNI / ARM CPUs, wrong on AVX2 CPUs without VNNI)
     weight_container: str = "auto"
+    # file storage of the weight codes (passes/pack_int4.py): auto = int4 (two codes a byte) for
+    # weights of <= 4 bits where the model is at opset >= 21, else int8; int4 = also convert an older
+    # model to opset 21 (a stated, recorded choice: the plan's weight_storage); int8 = never pack
+    weight_storage: WeightStorage = WeightStorage.AUTO
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -136,6 +148,8 @@ class QuantConfig:
         _check(_bits_ok(self.optm_max_bits), "quant.optm_max_bits", "must be an integer from 2 to 8", self.optm_max_bits)
         _check(self.weight_container in ("auto", "int8", "uint8"), "quant.weight_container",
                "must be one of auto, int8, uint8", self.weight_container)
+        _check(isinstance(self.weight_storage, WeightStorage), "quant.weight_storage", "must be one of auto, int8, int4",
+               self.weight_storage)
         _check(isinstance(self.optm_lattice, bool), "quant.optm_lattice", "must be true or false", self.optm_lattice)
         _check(isinstance(self.optm_select, OptmSelect), "quant.optm_select", "must be one of network, layer", self.optm_select)
         _check(self.optm_subset is None or (isinstance(self.optm_subset, int) and not isinstance(self.optm_subset, bool)

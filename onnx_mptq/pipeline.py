@@ -26,7 +26,7 @@ from .config import Config, OptmSelect, RuntimeConfig
 from .data import check_shapes_fit
 from .errors import ConfigError, DataError, OutputError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
-from .graph.io import graph_digest, load_model, save_model, write_text_atomic
+from .graph.io import graph_digest, load_model, opset_of, save_model, size_line, write_text_atomic
 from .plan import QuantPlan, SmoothingPlan
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class QuantizeResult:
     timings: dict[str, float]
     allocation: Any | None = None  # search.mixed.AllocationResult, when mixed precision ran
     optm: Any | None = None  # search.optm.TwinSelection, when OPT-m chose its quantizers on the network
+    storage: Any | None = None  # passes.pack_int4.PackResult: how the weight codes are stored (int8 / int4)
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -175,21 +176,44 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
+    plan = _with_storage(plan, config.quant.weight_storage, work)
     qmodel, ereport = emit_qdq(work, plan, analysis, _emit_options(config))
+    storage = _store_weights(qmodel, plan)
+    qmodel = storage.model
     validation = None
     if eval_data is not None:
         t = time.perf_counter()
         validation = validate_against(qmodel, source, eval_data, config.runtime)
         timings["validate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection)
+    return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection, storage)
+
+
+def _with_storage(plan: QuantPlan, requested: Any, work: onnx.ModelProto) -> QuantPlan:
+    """The plan with its weight storage resolved and recorded (before emission: the emitted
+    model's marker holds the plan's digest)."""
+    from .passes.pack_int4 import resolve_storage
+
+    if plan.weight_storage is not None:
+        return plan
+    return dataclasses.replace(plan, weight_storage=resolve_storage(requested, opset_of(work)))
+
+
+def _store_weights(qmodel: onnx.ModelProto, plan: QuantPlan) -> Any:
+    """Pack the emitted model's weights as the plan records (passes/pack_int4.py)."""
+    from .config import WeightStorage
+    from .passes.pack_int4 import pack_int4
+
+    return pack_int4(qmodel, plan.weight_storage or WeightStorage.AUTO)
 
 
 def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
-                   options: Any = None) -> tuple[onnx.ModelProto, Any]:
+                   options: Any = None, storage: Any = None) -> tuple[onnx.ModelProto, Any]:
     """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data.
 
-    ``options``: a :class:`onnx_mptq.passes.emit_qdq.EmitOptions` (default: the defaults)."""
+    ``options``: a :class:`onnx_mptq.passes.emit_qdq.EmitOptions` (default: the defaults);
+    ``storage``: the :class:`~onnx_mptq.config.WeightStorage` for a plan that records none (the
+    plan's ``weight_storage`` wins)."""
     from .passes.emit_qdq import EmitOptions, emit_qdq
     from .passes.smooth import apply_smoothing
 
@@ -210,7 +234,10 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis, options if options is not None else EmitOptions())
+    if plan.weight_storage is None and storage is not None:
+        plan = _with_storage(plan, storage, work)
+    qmodel, report = emit_qdq(work, plan, analysis, options if options is not None else EmitOptions())
+    return _store_weights(qmodel, plan).model, report
 
 
 def validate_against(qmodel: onnx.ModelProto, reference: onnx.ModelProto, data: Any, runtime: RuntimeConfig,
@@ -294,7 +321,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             raise PlanError(f"{args.plan}: no such plan file") from None
         try:
             plan = QuantPlan.from_json(text)
-            qmodel, _ = emit_from_plan(source, plan, _emit_options(config))
+            qmodel, _ = emit_from_plan(source, plan, _emit_options(config), config.quant.weight_storage)
         except PlanError as e:  # name the plan file
             raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
         validation = None
@@ -302,6 +329,9 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             validation = validate_against(qmodel, source, _data_from_args(args, args.eval, source, config.runtime.batch_size, None), config.runtime)
         save_model(qmodel, out)
         lines.append(f"re-emitted {out} from plan {args.plan}")
+        lines.append(f"weight storage: {plan.weight_storage.value if plan.weight_storage else 'not recorded in the plan: '}"
+                     f"{'' if plan.weight_storage else config.quant.weight_storage.value} (opset {opset_of(qmodel)})")
+        lines.append(size_line(out, inp))
     else:
         if not args.calib:
             raise DataError("quantize needs --calib DATA (or --plan PLAN.json to re-emit without calibrating)")
@@ -321,6 +351,9 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
                      f"avg weight bits {plan.avg_weight_bits:.2f}, avg activation bits {plan.avg_activation_bits:.2f})")
         if args.plan_out:
             lines.append(f"plan written to {args.plan_out}")
+        if res.storage is not None:
+            lines.append(res.storage.summary())
+        lines.append(size_line(out, inp))
         lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in res.timings.items()))
     lines.append(f"provider: {_provider(config)}")
     if validation is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .config import WeightStorage
 from .errors import PlanError
 from .records import Record
 
@@ -125,6 +126,10 @@ class QuantPlan(Record):
     avg_weight_bits: float = 0.0
     avg_activation_bits: float = 0.0
     notes: tuple[str, ...] = ()
+    # how the emitted file stores weight codes, as resolved when the model was emitted (int8, or
+    # int4 with the opset-21 conversion it needs: passes/pack_int4.py); None: not recorded (the
+    # configuration's quant.weight_storage decides at re-emission)
+    weight_storage: WeightStorage | None = None
 
     def layer(self, unit: str) -> LayerPlan:
         for lp in self.layers:
