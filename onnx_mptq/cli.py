@@ -48,7 +48,16 @@ def _add_data(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument(flag, required=required, metavar="DATA",
                    help=".npz with one array per model input (+ optional int 'labels'), or an image folder")
-    g.add_argument("--limit", type=int, default=None, help="use at most N samples")
+    g.add_argument("--limit", type=int, default=None, help="use at most N samples (after --split and --offset; default all)")
+    g.add_argument("--offset", type=int, default=0, help="skip the first N samples (after --split; default 0)")
+    g.add_argument("--split", default=None, metavar="fold:I/K|rest:I/K",
+                   help="deterministic slice by position p: fold:I/K keeps p %% K == I, rest:I/K the others "
+                        "(default: all samples)")
+    g.add_argument("--labels", default=None, metavar="FILE",
+                   help="flat image folder: labels file, 'filename,index' lines or one index per sorted file (default none)")
+    g.add_argument("--class-map", default=None, metavar="FILE",
+                   help="image folders: class name -> index ('wnid index' lines, a names list such as "
+                        "synset_words.txt, or JSON); default: sub-folders numbered in sorted order")
     g.add_argument("--preprocess", default=None, metavar="timm:NAME",
                    help="image preprocessing from timm's data config of NAME (image folders only)")
     g.add_argument("--size", type=int, default=None, help="image folders: input size (square)")
@@ -66,7 +75,8 @@ def _open_data(args: argparse.Namespace, flag_value: str, model, batch_size: int
     from .data import input_specs, open_data, parse_preprocess_args
 
     pre = parse_preprocess_args(args.preprocess, args.size, args.mean, args.std, args.interpolation, args.crop_pct)
-    return open_data(flag_value, input_specs(model), limit=args.limit, batch_size=batch_size, preprocess=pre)
+    return open_data(flag_value, input_specs(model), limit=args.limit, batch_size=batch_size, preprocess=pre,
+                     offset=args.offset, split=args.split, labels=args.labels, class_map=args.class_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     reference = load_model(args.reference) if args.reference else None
     data = _open_data(args, args.data, model, runtime.batch_size)
     check_shapes_fit(model, data)
-    report = evaluate(model, data, runtime, reference=reference, latency_batch_size=runtime.batch_size)
+    report = evaluate(model, data, runtime, reference=reference, latency_batch_size=runtime.batch_size,
+                      reference_name=f"reference model {args.reference}")
     doc = {k: v for k, v in report.to_dict().items() if k not in ("kind", "schema_version")}
     if args.json:
         write_text_atomic(args.json, json.dumps(doc, indent=2) + "\n")
@@ -149,7 +160,10 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 
 def _print_eval(doc: dict) -> None:
-    for k in ("num_samples", "top1", "top5", "top1_agreement", "cosine", "sqnr_db", "kl", "latency_ms_b1", "latency_ms_batch"):
+    for k in ("num_samples", "top1", "top5", "reference_top1", "reference_top5", "top1_agreement", "cosine", "sqnr_db", "kl",
+              "latency_ms_b1", "latency_ms_batch"):
+        if k.startswith("reference_") and doc.get(k) is None:
+            continue
         print(f"{k:>16}: {_fmt(doc.get(k))}")
     print(f"{'provider':>16}: {doc.get('provider')}")
 
@@ -338,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidates", default=None, help="candidate bit-widths, e.g. 4,5,6,8")
     s.add_argument("--keep", action="append", default=None, metavar="BITS:PATTERN", help="pin layers matching a glob")
     s.add_argument("--eval", default=None, metavar="DATA", help="held-out data to validate against FP32 after quantizing")
+    s.add_argument("--eval-split", default=None, metavar="fold:I/K|rest:I/K",
+                   help="slice of --eval, e.g. rest:0/10 beside --calib DIR --split fold:0/10 (default all)")
     s.add_argument("--config", default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--calib-batch-size", type=int, default=None)

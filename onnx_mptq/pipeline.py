@@ -255,11 +255,14 @@ def validate_against(qmodel: onnx.ModelProto, reference: onnx.ModelProto, data: 
 # file-level entry points for the CLI
 
 
-def _data_from_args(args: Any, spec: str, model: onnx.ModelProto, batch_size: int, limit: int | None):
+def _data_from_args(args: Any, spec: str, model: onnx.ModelProto, batch_size: int, limit: int | None, *, evaluation: bool = False):
     from .data import input_specs, open_data, parse_preprocess_args
 
     pre = parse_preprocess_args(args.preprocess, args.size, args.mean, args.std, args.interpolation, args.crop_pct)
-    return open_data(spec, input_specs(model), limit=limit, batch_size=batch_size, preprocess=pre)
+    # --offset / --split slice the calibration data; held-out --eval data takes --eval-split
+    offset, split = (0, getattr(args, "eval_split", None)) if evaluation else (args.offset, args.split)
+    return open_data(spec, input_specs(model), limit=limit, batch_size=batch_size, preprocess=pre,
+                     offset=offset, split=split, labels=args.labels, class_map=args.class_map)
 
 
 def _check_output_path(inp: Path, out: Path) -> None:
@@ -326,7 +329,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
         validation = None
         if args.eval:
-            validation = validate_against(qmodel, source, _data_from_args(args, args.eval, source, config.runtime.batch_size, None), config.runtime)
+            validation = validate_against(qmodel, source, _data_from_args(args, args.eval, source, config.runtime.batch_size, None, evaluation=True), config.runtime)
         save_model(qmodel, out)
         lines.append(f"re-emitted {out} from plan {args.plan}")
         lines.append(f"weight storage: {plan.weight_storage.value if plan.weight_storage else 'not recorded in the plan: '}"
@@ -336,7 +339,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
         if not args.calib:
             raise DataError("quantize needs --calib DATA (or --plan PLAN.json to re-emit without calibrating)")
         calib = _data_from_args(args, args.calib, source, config.calib.batch_size, config.calib.limit)
-        eval_ds = _data_from_args(args, args.eval, source, config.runtime.batch_size, None) if args.eval else None
+        eval_ds = _data_from_args(args, args.eval, source, config.runtime.batch_size, None, evaluation=True) if args.eval else None
         res = quantize(source, calib, config, eval_data=eval_ds)
         plan, qmodel, validation = res.plan, res.model, res.validation
         if args.report:
@@ -360,9 +363,12 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
         d = validation.to_dict()
         lines.append(
             "validation vs FP32: "
-            + ", ".join(f"{k} {d[k]:.4g}" for k in ("top1", "top1_agreement", "sqnr_db", "cosine", "kl") if d.get(k) is not None)
+            + ", ".join(f"{k} {d[k]:.4g}" for k in ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "kl") if d.get(k) is not None)
             + f" [{d.get('provider')}]"
         )
+        if d.get("reference_top1") is not None:
+            lines.append("FP32 reference on the same data: " + ", ".join(
+                f"{k.removeprefix('reference_')} {d[k]:.4g}" for k in ("reference_top1", "reference_top5") if d.get(k) is not None))
     return "\n".join(lines)
 
 
