@@ -196,7 +196,18 @@ def _with_storage(plan: QuantPlan, requested: Any, work: onnx.ModelProto) -> Qua
 
     if plan.weight_storage is not None:
         return plan
-    return dataclasses.replace(plan, weight_storage=resolve_storage(requested, opset_of(work)))
+    packable = any(lp.weight is not None and lp.weight.bits <= 4 for lp in plan.layers)
+    return dataclasses.replace(plan, weight_storage=resolve_storage(requested, opset_of(work), packable))
+
+
+def _storage_line(storage: Any, plan: QuantPlan, config: Config, source: onnx.ModelProto) -> str:
+    from .config import WeightStorage
+    from .passes.pack_int4 import int8_reason
+
+    if storage.storage is WeightStorage.INT4:
+        return storage.summary()
+    packable = any(lp.weight is not None and lp.weight.bits <= 4 for lp in plan.layers)
+    return f"weight storage: int8 ({int8_reason(config.quant.weight_storage, opset_of(source), packable)})"
 
 
 def _store_weights(qmodel: onnx.ModelProto, plan: QuantPlan) -> Any:
@@ -355,7 +366,7 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
         if args.plan_out:
             lines.append(f"plan written to {args.plan_out}")
         if res.storage is not None:
-            lines.append(res.storage.summary())
+            lines.append(_storage_line(res.storage, plan, config, source))
         lines.append(size_line(out, inp))
         lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in res.timings.items()))
     lines.append(f"provider: {_provider(config)}")

@@ -26,14 +26,15 @@ does not upgrade an opset silently, so :class:`~onnx_mptq.config.WeightStorage` 
 * ``auto`` (default): INT4 where the model's opset is already >= 21, else today's int8 form,
   unchanged (a note says which);
 * ``int8``: never pack;
-* ``int4``: pack; a model below opset 21 is first converted to opset 21 by
+* ``int4``: pack (where some weight has 4 bits or fewer); a model below opset 21 is first converted to opset 21 by
   ``onnx.version_converter`` (recorded in :attr:`PackResult.opset_before` / ``opset_after`` and in
   the plan's ``weight_storage``, so ``--plan`` re-emission makes the same bytes).
 
 Declined, with a reason (:class:`Skip`): weights stored as uint8 + 128 (``weight_container``
 uint8: their codes are not int4 values), codes outside ``[-8, 7]`` (more than 4 bits), non-zero
 zero points, codes shared with a non-DQ consumer. Running the pass twice is a no-op (the codes of
-a packed weight reach the DQ through the Cast, not as a constant).
+a packed weight reach the DQ through the Cast, not as a constant). A weight too small to gain
+(``n - ceil(n / 2)`` bytes saved, no more than the Cast node and its names cost) is left int8.
 """
 
 from __future__ import annotations
@@ -103,12 +104,25 @@ class PackResult:
         return f"weight storage: int8 ({'; '.join(self.notes) or 'as requested'})"
 
 
-def resolve_storage(requested: WeightStorage | str, opset: int) -> WeightStorage:
-    """``auto`` -> INT4 at opset >= 21, else INT8; ``int8`` / ``int4`` as given."""
+def resolve_storage(requested: WeightStorage | str, opset: int, packable: bool = True) -> WeightStorage:
+    """``auto`` -> INT4 at opset >= 21, else INT8; ``int8`` / ``int4`` as given, except that
+    nothing to pack (``packable`` False: no weight of 4 bits or fewer) is always INT8, so a
+    W8 model is never converted to opset 21 for nothing."""
     requested = WeightStorage(requested)
+    if not packable:
+        return WeightStorage.INT8
     if requested is WeightStorage.AUTO:
         return WeightStorage.INT4 if opset >= INT4_OPSET else WeightStorage.INT8
     return requested
+
+
+def int8_reason(requested: WeightStorage | str, opset: int, packable: bool) -> str:
+    """Why :func:`resolve_storage` chose int8, for the summary."""
+    if WeightStorage(requested) is WeightStorage.INT8:
+        return "as requested: one code a byte"
+    if not packable:
+        return "no weight of 4 bits or fewer to pack"
+    return f"the model is at opset {opset} < {INT4_OPSET}; --weight-storage int4 converts it to {INT4_OPSET} and packs"
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.ModelProto:
@@ -131,6 +145,12 @@ def _int4_constant(name: str, codes: np.ndarray) -> gs.Constant:
     return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 
 
+def _cast_overhead(name: str) -> int:
+    """Bytes the Cast adds to the file: its node (name, op, attribute, two tensor references) and the
+    new tensor name twice (Cast output, DQ input); a weight is packed only where it saves more."""
+    return 3 * len(name) + 48
+
+
 def _unique(graph: gs.Graph, base: str) -> str:
     taken = set(graph.tensors().keys())
     name, i = base, 1
@@ -145,8 +165,7 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
     before = opset_of(model)
     use = resolve_storage(requested, before)
     if use is WeightStorage.INT8:
-        note = ("weight_storage int8" if requested is WeightStorage.INT8 else
-                f"opset {before} < {INT4_OPSET}; --weight-storage int4 converts to opset {INT4_OPSET} and packs 4-bit weights")
+        note = int8_reason(requested, before, True)
         same = onnx.ModelProto()
         same.CopyFrom(model)
         return PackResult(same, requested, use, before, before, notes=(note,))
@@ -171,6 +190,8 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
             skipped.append(Skip(node.name, "non-zero zero point"))
         elif any(c.op != "DequantizeLinear" for c in q.outputs):
             skipped.append(Skip(node.name, f"codes {q.name} are also read by a non-DequantizeLinear node"))
+        elif codes.size - (codes.size + 1) // 2 <= _cast_overhead(q.name):
+            skipped.append(Skip(node.name, f"{codes.size} codes: packing saves fewer bytes than the Cast node costs"))
         else:
             matches.append((node, q))
     # mutate: one int4 initializer + Cast per codes tensor (shared codes stay shared)
@@ -180,9 +201,10 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
     for node, q in matches:
         if q.name not in casts:
             codes = np.asarray(q.values)
-            c4 = _int4_constant(_unique(graph, f"{q.name}/int4"), codes)
-            out = gs.Variable(_unique(graph, f"{q.name}/int8"), np.int8, codes.shape)
-            new_nodes.append(gs.Node("Cast", _unique(graph, f"{q.name}/Cast"), attrs={"to": onnx.TensorProto.INT8},
+            # the int4 initializer takes the int8 one's name (no node reads that one any more)
+            c4 = _int4_constant(q.name, codes)
+            out = gs.Variable(_unique(graph, f"{q.name}_i8"), np.int8, codes.shape)
+            new_nodes.append(gs.Node("Cast", _unique(graph, f"{q.name}_cast"), attrs={"to": onnx.TensorProto.INT8},
                                      inputs=[c4], outputs=[out]))
             casts[q.name] = out
             packed.append(PackedWeight(node.name, c4.name, tuple(int(d) for d in codes.shape), int(codes.size),
