@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from .config import RuntimeConfig
+from .graph.io import model_file_bytes
 from .plan import QuantPlan, Scheme
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def write_report(dir: Path, result: Any, source_model: onnx.ModelProto, *, calib
             pinned=lp.unit in pinned, sens_w=sw, sens_a=sa, sqnr_db=sqnr.get(lp.unit)))
 
     fp_size = source_model.ByteSize() / 1e6
-    q_size = result.model.ByteSize() / 1e6
+    q_size = model_file_bytes(result.model) / 1e6  # the file as written: int4-packed weights where stored so
     packed = _packed_size_mb(plan, work if work is not None else source_model)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +334,7 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
         "fp32": _eval_dict(fp),
         "quantized": _eval_dict(q),
         "size_mb": {"fp32_onnx": fp_size, "quantized_onnx": q_size, "quantized_packed": packed},
+        "weight_storage": plan.weight_storage.value if plan.weight_storage is not None else None,
         "timings_s": dict(getattr(result, "timings", {}) or {}),
         "optm": _optm_json(getattr(result, "optm", None)),
         "allocation": None if allocation is None else {

@@ -247,6 +247,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return dest
 
 
+def model_file_bytes(model: onnx.ModelProto) -> int:
+    """Bytes :func:`save_model` writes for ``model`` below 2 GB (the serialized proto): the real
+    file size, known before the file exists (e.g. for a report written before the model)."""
+    return int(model.ByteSize())
+
+
 def file_size(path: str | os.PathLike) -> int:
     """Bytes a saved model takes on disk: the .onnx file plus its external data file, if any."""
     p = Path(path)
