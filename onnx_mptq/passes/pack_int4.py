@@ -10,7 +10,9 @@ int8 tensor with all values in ``[-8, 7]`` (every symmetric weight of 4 bits or 
     q  = Cast(q4, to=INT8)                 exact: every int4 value is an int8 value
     W_hat = DequantizeLinear(q, s, z, axis)   unchanged
 
-so ``W_hat`` is bit for bit the same. Why the Cast, measured with ONNX Runtime 1.31 (CPU,
+so ``W_hat`` is bit for bit the same. The all-zero zero point ``z`` is dropped (ONNX's default
+for an absent one) where only MatMuls read ``W_hat``: ORT fuses ``MatMulIntegerToFloat`` without
+it, but not ``QGemm``, so a Gemm's weight keeps it. Why the Cast, measured with ONNX Runtime 1.31 (CPU,
 ``ORT_ENABLE_EXTENDED`` and ``ORT_ENABLE_ALL``, ``tools/check_int_kernels.py``):
 
 * ``DQ(int4 initializer) -> MatMul`` is **not** fused: ORT keeps a float ``DequantizeLinear`` and a
@@ -130,6 +132,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
     (a new proto; the ONNX checker must accept the result)."""
     try:
         out = onnx.version_converter.convert_version(model, target)
+        # the converter runs shape inference and keeps what it inferred as value_info; keep the
+        # model's own annotations only (ORT infers shapes itself), so the file does not grow
+        own = {vi.name for vi in model.graph.value_info}
+        kept = [vi for vi in out.graph.value_info if vi.name in own]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(kept)
         onnx.checker.check_model(out)
     except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError / ValidationError / others
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -196,6 +204,7 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
             matches.append((node, q))
     # mutate: one int4 initializer + Cast per codes tensor (shared codes stay shared)
     casts: dict[str, gs.Variable] = {}
+    zero_points_dropped = 0
     packed: list[PackedWeight] = []
     new_nodes: list[gs.Node] = []
     for node, q in matches:
@@ -203,13 +212,18 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
             codes = np.asarray(q.values)
             # the int4 initializer takes the int8 one's name (no node reads that one any more)
             c4 = _int4_constant(q.name, codes)
-            out = gs.Variable(_unique(graph, f"{q.name}_i8"), np.int8, codes.shape)
+            out = gs.Variable(_unique(graph, f"{q.name}_i8"))  # no dtype / shape: no value_info entry
             new_nodes.append(gs.Node("Cast", _unique(graph, f"{q.name}_cast"), attrs={"to": onnx.TensorProto.INT8},
                                      inputs=[c4], outputs=[out]))
             casts[q.name] = out
             packed.append(PackedWeight(node.name, c4.name, tuple(int(d) for d in codes.shape), int(codes.size),
                                        (int(codes.size) + 1) // 2))
         node.inputs[0] = casts[q.name]
+        # an all-zero int8 zero point is the default: drop it where only MatMuls read the weight
+        # (ORT still fuses MatMulIntegerToFloat; its QGemm fusion needs the zero point, so a Gemm keeps it)
+        if len(node.inputs) > 2 and all(c.op == "MatMul" for c in node.outputs[0].outputs):
+            node.inputs = node.inputs[:2]
+            zero_points_dropped += 1
     graph.nodes.extend(new_nodes)
     graph.toposort()  # the int8 codes, now unread, are not exported
     exported = gs.export_onnx(graph, do_type_check=False)
@@ -223,6 +237,8 @@ def pack_int4(model: onnx.ModelProto, storage: WeightStorage | str = WeightStora
     except onnx.checker.ValidationError as e:  # a bug in this pass, not the user's fault
         raise RuntimeError(f"pack_int4 produced an invalid model: {str(e).splitlines()[0]}") from e
     notes = []
+    if zero_points_dropped:
+        notes.append(f"{zero_points_dropped} all-zero weight zero points dropped (the DequantizeLinear default)")
     if before < INT4_OPSET:
         notes.append(f"converted from opset {before} to {INT4_OPSET} (onnx.version_converter) for int4 weights")
     log.info("int4 weights: %d packed (%.3f MB saved), %d left int8", len(packed),
