@@ -132,10 +132,10 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
     (a new proto; the ONNX checker must accept the result)."""
     try:
         out = onnx.version_converter.convert_version(model, target)
-        # the converter runs shape inference and keeps what it inferred as value_info; keep the
-        # model's own annotations only (ORT infers shapes itself), so the file does not grow
-        own = {vi.name for vi in model.graph.value_info}
-        kept = [vi for vi in out.graph.value_info if vi.name in own]
+        # the converter runs shape inference and writes what it inferred into value_info; keep the
+        # model's own annotations instead (ORT infers shapes itself), so the file does not grow
+        have = {vi.name for vi in out.graph.value_info}
+        kept = [vi for vi in model.graph.value_info if vi.name in have]
         del out.graph.value_info[:]
         out.graph.value_info.extend(kept)
         onnx.checker.check_model(out)
