@@ -343,8 +343,9 @@ def quantize_file(inp: Path, out: Path, args: Any, config: Config) -> str:
             validation = validate_against(qmodel, source, _data_from_args(args, args.eval, source, config.runtime.batch_size, None, evaluation=True), config.runtime)
         save_model(qmodel, out)
         lines.append(f"re-emitted {out} from plan {args.plan}")
-        lines.append(f"weight storage: {plan.weight_storage.value if plan.weight_storage else 'not recorded in the plan: '}"
-                     f"{'' if plan.weight_storage else config.quant.weight_storage.value} (opset {opset_of(qmodel)})")
+        recorded = (f"{plan.weight_storage.value}, as the plan records" if plan.weight_storage is not None
+                    else f"{config.quant.weight_storage.value} (the plan records none)")
+        lines.append(f"weight storage: {recorded}; opset {opset_of(qmodel)}")
         lines.append(size_line(out, inp))
     else:
         if not args.calib:
