@@ -39,7 +39,7 @@ from .config import (
     leaf_paths,
 )
 from .errors import ConfigError, DataError, MptqError, OutputError, PlanError, UnsupportedModelError
-from .plan import WeightContainer
+from .plan import WeightContainer, WeightStorage
 
 log = logging.getLogger("onnx_mptq")
 
@@ -71,6 +71,7 @@ NOT_CONFIG = frozenset({
     "model", "output", "name", "config", "plan", "plan_out", "report", "eval", "json", "reference", "out_dir",
     "calib", "data", "limit", "preprocess", "size", "mean", "std", "interpolation", "crop_pct",
     "checkpoint", "pretrained", "img_size", "num_classes", "opset", "dynamo",
+    "offset", "split", "eval_split", "labels", "class_map",
 })
 
 
@@ -124,6 +125,15 @@ def _add_data(p: argparse.ArgumentParser, flag: str, required: bool, limit_dest:
                    help=".npz with one array per model input (+ optional int 'labels'), or an image folder"
                         + ("" if required else " (default: none)"))
     g.add_argument("--limit", dest=limit_dest, type=int, default=None, metavar="N", help="use at most N samples (default: all)")
+    g.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N samples (after --split; default: 0)")
+    g.add_argument("--split", default=None, metavar="fold:I/K|rest:I/K",
+                   help="deterministic slice by position p: fold:I/K keeps p %% K == I, rest:I/K the others "
+                        "(default: all samples)")
+    g.add_argument("--labels", default=None, metavar="FILE",
+                   help="flat image folder: labels file, 'filename,index' lines or one index per sorted file (default: none)")
+    g.add_argument("--class-map", default=None, metavar="FILE",
+                   help="image folders: class name -> index ('wnid index' lines, a names list such as "
+                        "synset_words.txt, or JSON) (default: sub-folders numbered in sorted order)")
     g.add_argument("--preprocess", default=None, metavar="timm:NAME",
                    help="image preprocessing from timm's data config of NAME (image folders only; default: none)")
     g.add_argument("--size", type=int, metavar="N", default=None, help="image folders: input size, square (default: from --preprocess; else give --size, --mean and --std together)")
@@ -149,11 +159,16 @@ def _add_smoothing(g: Any) -> None:
                    help=f"shift: channel mean or range midpoint (default: {D.smooth.shift.value})")
 
 
-def _open_data(args: argparse.Namespace, flag_value: str, model, batch_size: int, limit: int | None):
+def _open_data(args: argparse.Namespace, flag_value: str, model, batch_size: int, limit: int | None, *,
+               evaluation: bool = False):
+    """The data a flag names; ``--offset`` / ``--split`` slice it, held-out ``--eval`` data takes
+    ``--eval-split`` instead; ``--labels`` / ``--class-map`` label image folders."""
     from .data import input_specs, open_data, parse_preprocess_args
 
     pre = parse_preprocess_args(args.preprocess, args.size, args.mean, args.std, args.interpolation, args.crop_pct)
-    return open_data(flag_value, input_specs(model), limit=limit, batch_size=batch_size, preprocess=pre)
+    offset, split = (0, getattr(args, "eval_split", None)) if evaluation else (args.offset, args.split)
+    return open_data(flag_value, input_specs(model), limit=limit, batch_size=batch_size, preprocess=pre,
+                     offset=offset, split=split, labels=args.labels, class_map=args.class_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = _open_data(args, args.data, model, runtime.batch_size, args.limit)
     check_shapes_fit(model, data)
     report = evaluate(model, data, runtime, reference=reference, latency_batch_size=runtime.batch_size,
-                      progress=_progress(args))
+                      progress=_progress(args), reference_name=f"reference model {args.reference}")
     doc = {k: v for k, v in report.to_dict().items() if k not in ("kind", "schema_version")}
     if args.json:
         write_text_atomic(args.json, json.dumps(doc, indent=2) + "\n")
@@ -341,7 +356,10 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 
 def _print_eval(doc: dict) -> None:
-    for k in ("num_samples", "top1", "top5", "top1_agreement", "cosine", "sqnr_db", "kl", "latency_ms_b1", "latency_ms_batch"):
+    for k in ("num_samples", "top1", "top5", "reference_top1", "reference_top5", "top1_agreement", "cosine", "sqnr_db", "kl",
+              "latency_ms_b1", "latency_ms_batch"):
+        if k.startswith("reference_") and doc.get(k) is None:
+            continue
         print(f"{k:>16}: {_fmt(doc.get(k))}")
     print(f"{'provider':>16}: {doc.get('provider')}")
 
@@ -380,7 +398,7 @@ def _smooth_summary(res: Any, out: Path) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .graph.io import load_model, save_model, write_text_atomic
+    from .graph.io import load_model, save_model, size_line, write_text_atomic
     from .pipeline import emit_from_plan, quantize, validate_against
 
     inp, out = Path(args.model), Path(args.output)
@@ -393,15 +411,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     lines: list[str] = []
     with _naming(inp):
         source = load_model(inp)
-        eval_ds = _open_data(args, args.eval, source, config.runtime.batch_size, None) if args.eval else None
+        eval_ds = (_open_data(args, args.eval, source, config.runtime.batch_size, None, evaluation=True)
+                   if args.eval else None)
         if args.plan:
             plan = _read_plan(Path(args.plan))
             try:
-                container = getattr(args, "quant.emission.weight_container", None)
-                if container is not None:  # an explicit flag overrides the plan's choice
-                    plan = dataclasses.replace(plan, emission=dataclasses.replace(
-                        plan.emission, weight_container=WeightContainer(container)))
-                qmodel = emit_from_plan(source, plan).model
+                plan = _plan_with_flags(plan, args)
+                emitted = emit_from_plan(source, plan)
+                qmodel, storage = emitted.model, emitted.storage
             except PlanError as e:  # name the plan file
                 raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
             validation = (validate_against(qmodel, source, eval_ds, config.runtime, progress=progress)
@@ -410,7 +427,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         else:
             calib = _open_data(args, args.calib, source, config.calib.batch_size, config.calib.limit)
             result = quantize(source, calib, config, eval_data=eval_ds, measure=bool(args.report), progress=progress)
-            plan, qmodel, validation = result.plan, result.model, result.validation
+            plan, qmodel, validation, storage = result.plan, result.model, result.validation, result.storage
     # every stage succeeded: write the outputs
     if result is not None and args.report:
         from .report import write_report
@@ -421,7 +438,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save_model(qmodel, out)
     lines.extend(outputs.lines())
     if result is None:
-        lines.append(f"re-emitted {out} from plan {args.plan}")
+        lines.append(f"re-emitted {out} from plan {args.plan} (weight storage {plan.emission.weight_storage.value} "
+                     f"as the plan records it)")
     else:
         lines.append(f"quantized model written to {out} ({len(plan.layers)} layers, "
                      f"avg weight bits {plan.avg_weight_bits:.2f}, avg activation bits {plan.avg_activation_bits:.2f})")
@@ -429,17 +447,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             lines.append(f"plan written to {args.plan_out}")
         if args.report:
             lines.append(f"report written to {args.report}")
+    if storage is not None:
+        lines.append(storage.summary())
+    lines.append(size_line(out, inp))
+    if result is not None:
         lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items()))
     lines.append(f"provider: {_provider(config)}")
     if validation is not None:
         d = validation.to_dict()
         lines.append(
             "validation vs FP32: "
-            + ", ".join(f"{k} {d[k]:.4g}" for k in ("top1", "top1_agreement", "sqnr_db", "cosine", "kl") if d.get(k) is not None)
+            + ", ".join(f"{k} {d[k]:.4g}" for k in ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "kl")
+                        if d.get(k) is not None)
             + f" [{d.get('provider')}]"
         )
+        if d.get("reference_top1") is not None:
+            lines.append("FP32 reference on the same data: " + ", ".join(
+                f"{k.removeprefix('reference_')} {d[k]:.4g}" for k in ("reference_top1", "reference_top5")
+                if d.get(k) is not None))
     print("\n".join(lines))
     return 0
+
+
+def _plan_with_flags(plan, args: argparse.Namespace):
+    """The plan with the emission flags given on the command line (they override its record)."""
+    changes = {}
+    for field, cls in (("weight_container", WeightContainer), ("weight_storage", WeightStorage)):
+        value = getattr(args, f"quant.emission.{field}", None)
+        if value is not None:
+            changes[field] = cls(value)
+    return dataclasses.replace(plan, emission=dataclasses.replace(plan.emission, **changes)) if changes else plan
 
 
 def _read_plan(path: Path):
@@ -552,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight codes in the model: auto = int8 where every code is within +-64, else uint8 + 128, "
                         f"exact on every CPU; int8 = int8 everywhere (fastest on VNNI/ARM CPUs, saturates on x86 AVX2 "
                         f"without VNNI) (default: {q.emission.weight_container.value})")
+    g.add_argument("--weight-storage", dest="quant.emission.weight_storage", choices=[x.value for x in WeightStorage],
+                   default=None,
+                   help=f"weight codes in the file: auto = int4, two codes a byte, for weights of <= 4 bits where the "
+                        f"model is at opset >= 21, else int8; int4 = also convert an older model to opset 21 (recorded "
+                        f"in the plan); int8 = one code a byte, any opset (default: {q.emission.weight_storage.value})")
     g = s.add_argument_group("SQ-b smoothing")
     g.add_argument("--no-sqb", dest="smooth.enabled", action="store_const", const=False, default=None,
                    help="disable SQ-b smoothing (default: enabled)")
@@ -567,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"candidate bit-widths (default: {','.join(str(c) for c in m.candidates)})")
     g.add_argument("--keep", dest="mixed.keep", action="append", default=None, metavar="BITS:GLOB",
                    help="pin the layers whose name or role matches GLOB to BITS bits, e.g. 8:*head*; repeatable (default: none)")
+    s.add_argument("--eval-split", default=None, metavar="fold:I/K|rest:I/K",
+                   help="slice of --eval, e.g. rest:0/10 beside --calib DIR --split fold:0/10 (default: all)")
     _add_config_file(s)
     _add_runtime(s)
     s.set_defaults(func=cmd_quantize)

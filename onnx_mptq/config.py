@@ -29,7 +29,7 @@ import typing
 from typing import Any
 
 from .errors import ConfigError, quote
-from .plan import Emission, RangeForm, SymmetricContainer, TwinForm, WeightContainer
+from .plan import Emission, RangeForm, SymmetricContainer, TwinForm, WeightContainer, WeightStorage
 
 
 class Providers(str, enum.Enum):
@@ -210,6 +210,10 @@ class EmissionConfig:
     """How the chosen quantizers are written into the QDQ model (passes/emit_qdq.py)."""
 
     weight_container: WeightContainer = WeightContainer.AUTO
+    # file storage of the weight codes (passes/pack_int4.py): auto = int4 (two codes a byte) for
+    # weights of <= 4 bits where the model is at opset >= 21, else int8; int4 = also convert an older
+    # model to opset 21 (a stated, recorded choice); int8 = never pack
+    weight_storage: WeightStorage = WeightStorage.AUTO
     # the QDQ forms (plan.Emission documents each); the defaults are what ORT fuses best
     symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
     range_form: RangeForm = RangeForm.INTEGER
@@ -217,6 +221,7 @@ class EmissionConfig:
 
     def __post_init__(self) -> None:
         _enum(self, "weight_container", WeightContainer, "quant.emission.weight_container")
+        _enum(self, "weight_storage", WeightStorage, "quant.emission.weight_storage")
         _enum(self, "symmetric_container", SymmetricContainer, "quant.emission.symmetric_container")
         _enum(self, "range_form", RangeForm, "quant.emission.range_form")
         _enum(self, "twin_form", TwinForm, "quant.emission.twin_form")

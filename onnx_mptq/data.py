@@ -8,14 +8,21 @@
   accepts any single array), plus an optional integer ``labels`` array. Uncompressed members are
   memory-mapped, compressed ones are decompressed as a stream, batch by batch.
 - an image folder: class sub-folders (labels are their indices in sorted order, as torchvision's
-  ``ImageFolder`` numbers them) or a flat folder (no labels); ``.jpg .jpeg .png .bmp .webp`` in any
-  case; hidden files are skipped. Images are decoded lazily, batch by batch, and preprocessed by
-  :func:`preprocess_image` (needs a :class:`PreprocessSpec`).
+  ``ImageFolder`` numbers them, or what a class map gives them) or a flat folder (no labels, or
+  those of a labels file); ``.jpg .jpeg .png .bmp .webp`` in any case; hidden files are skipped.
+  Images are decoded lazily, batch by batch, and preprocessed by :func:`preprocess_image` (needs
+  a :class:`PreprocessSpec`). See :func:`read_labels_file` and :func:`read_class_map`.
 - an object with ``get_next()`` returning a dict of arrays or None (ONNX Runtime's
   ``CalibrationDataReader`` protocol, duck-typed: this module does not import onnxruntime).
 - any iterable of dicts of arrays (or of :class:`Batch`). A dict may hold a batch or one sample,
   with or without the batch dimension, and an optional ``labels`` entry.
 - one dict of arrays holding every sample (an ``.npz`` in memory), re-batched like the above.
+
+A slice of any source (:class:`Split`, ``offset``, ``limit``) selects samples by their position
+``p = 0, 1, ...`` in that deterministic order: first the split (``fold:I/K`` keeps ``p % K == I``,
+``rest:I/K`` the others), then ``offset`` skips that many of the kept samples and ``limit`` caps
+the rest. So ``fold:0/10`` and ``rest:0/10`` of one folder are disjoint and together are all of
+it: one folder serves calibration and held-out evaluation without copying.
 
 Dimension 0 of every model input is the batch dimension. Where the model fixes it (e.g. an
 export with batch 1) batches have exactly that size, whatever ``batch_size`` says.
@@ -457,6 +464,173 @@ def _inference_failure(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Labels files, class maps, slices
+# --------------------------------------------------------------------------------------------
+
+
+class SplitPart(str, enum.Enum):
+    FOLD = "fold"  # positions p with p % folds == index
+    REST = "rest"  # every other position
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A deterministic split by position: ``fold:I/K`` or ``rest:I/K`` (module docstring)."""
+
+    part: SplitPart
+    index: int
+    folds: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.folds, int) and self.folds >= 2 and isinstance(self.index, int) and 0 <= self.index < self.folds):
+            raise ConfigError(f"split {self.part.value}:{self.index}/{self.folds}: needs K >= 2 and 0 <= I < K")
+
+    @classmethod
+    def parse(cls, spec: "str | Split") -> "Split":
+        if isinstance(spec, Split):
+            return spec
+        m = re.fullmatch(r"\s*(fold|rest):(\d+)/(\d+)\s*", str(spec))
+        if not m:
+            raise ConfigError(f"split {spec!r}: expected fold:I/K (every K-th sample from the I-th) or rest:I/K (the others)")
+        return cls(SplitPart(m.group(1)), int(m.group(2)), int(m.group(3)))
+
+    def keeps(self, positions: np.ndarray) -> np.ndarray:
+        """Boolean mask over ``positions`` (int array)."""
+        fold = positions % self.folds == self.index
+        return fold if self.part is SplitPart.FOLD else ~fold
+
+    def __str__(self) -> str:
+        return f"{self.part.value}:{self.index}/{self.folds}"
+
+
+def select_positions(n: int, split: Split | None, offset: int, limit: int | None) -> np.ndarray:
+    """Positions (sorted, int64) of ``n`` samples kept by ``split``, then ``offset``, then ``limit``."""
+    pos = np.arange(n, dtype=np.int64)  # (n,)
+    if split is not None:
+        pos = pos[split.keeps(pos)]
+    pos = pos[offset:]
+    return pos if limit is None else pos[:limit]
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _fields(line: str) -> list[str]:
+    """``a,b`` / ``a b`` / ``a<TAB>b`` -> [a, b] (CSV first, else whitespace)."""
+    if "," in line:
+        return [f.strip().strip('"') for f in line.split(",")]
+    return line.split()
+
+
+def _is_int(s: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", s) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelsFile:
+    """A labels file: ``by_name`` (file name -> label token) or ``in_order`` (one per sorted file)."""
+
+    path: Path
+    by_name: dict[str, str] | None
+    in_order: tuple[str, ...] | None
+
+
+def read_labels_file(path: str | os.PathLike) -> LabelsFile:
+    """Labels of a flat image folder, in one of three forms (blank lines and ``#`` lines skipped):
+
+    * ``filename,label`` per line (CSV; a first line whose label is not an integer and names no
+      file, e.g. ``filename,label``, is taken as a header), or ``filename label`` (whitespace);
+    * one label per line, for the folder's image files in sorted name order (how ImageNet's
+      validation ground truth is distributed, e.g. caffe's ``val.txt`` indices).
+
+    A label is a class index (0-based integer) or a class name, which a class map turns into an
+    index (:func:`read_class_map`). Names are file names within the folder."""
+    p = Path(path)
+    rows = [ln.strip() for ln in _read_text(p, "labels file").splitlines()]
+    rows = [r for r in rows if r and not r.startswith("#")]
+    if not rows:
+        raise DataError(f"{p}: the labels file is empty")
+    split_rows = [_fields(r) for r in rows]
+    if all(len(f) == 1 for f in split_rows):
+        return LabelsFile(p, None, tuple(f[0] for f in split_rows))
+    by_name: dict[str, str] = {}
+    for i, f in enumerate(split_rows):
+        if len(f) < 2 or not f[0]:
+            raise DataError(f"{p}: line {i + 1} {rows[i][:80]!r} is not 'filename,label'")
+        if i == 0 and not _is_int(f[1]) and Path(f[0]).suffix.lower() not in IMAGE_EXTENSIONS:
+            continue  # header
+        name = Path(f[0]).name
+        if name in by_name and by_name[name] != f[1]:
+            raise DataError(f"{p}: {name} is listed twice with different labels ({by_name[name]}, {f[1]})")
+        by_name[name] = f[1]
+    return LabelsFile(p, by_name, None)
+
+
+def read_class_map(path: str | os.PathLike) -> dict[str, int]:
+    """Class name -> index, from:
+
+    * ``name,index`` or ``name index`` per line (e.g. ``n01440764 0``);
+    * one name per line, index = line number (0-based), anything after the first field ignored:
+      a classes list, or ImageNet's ``synset_words.txt`` (``n01440764 tench, Tinca tinca``);
+    * JSON: ``{"n01440764": 0, ...}``, or ``{"0": ["n01440764", "tench"], ...}`` (Keras'
+      ``imagenet_class_index.json``).
+    """
+    p = Path(path)
+    text = _read_text(p, "class map")
+    out: dict[str, int] = {}
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{p}: not valid JSON ({str(e)[:120]})") from None
+        for k, v in doc.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[str(k)] = v
+            elif isinstance(v, list) and v and _is_int(str(k)):
+                out[str(v[0])] = int(k)
+            else:
+                raise DataError(f"{p}: entry {k!r}: expected name -> index or index -> [name, ...]")
+    else:
+        rows = [ln.strip() for ln in text.splitlines()]
+        rows = [r for r in rows if r and not r.startswith("#")]
+        pairs = [_fields(r) for r in rows]
+        indexed = all(len(f) == 2 and _is_int(f[1]) for f in pairs) and bool(pairs)
+        for i, f in enumerate(pairs):
+            name = f[0] if indexed else re.split(r"[\s,]", rows[i], maxsplit=1)[0]
+            idx = int(f[1]) if indexed else i
+            if name in out and out[name] != idx:
+                raise DataError(f"{p}: class {name!r} is mapped twice ({out[name]}, {idx})")
+            out[name] = idx
+    if not out:
+        raise DataError(f"{p}: the class map is empty")
+    bad = sorted(k for k, v in out.items() if v < 0)
+    if bad:
+        raise DataError(f"{p}: class {bad[0]!r} has a negative index")
+    return out
+
+
+def _label_index(token: str, class_map: dict[str, int] | None, where: str) -> int:
+    if _is_int(token):
+        v = int(token)
+        if v < 0:
+            raise DataError(f"{where}: negative label {v}")
+        return v
+    if class_map is None:
+        raise DataError(f"{where}: label {token!r} is a class name; give --class-map FILE to turn names into indices")
+    if token not in class_map:
+        raise DataError(f"{where}: class {token!r} is not in the class map")
+    return class_map[token]
+
+
+# --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
 
@@ -623,8 +797,11 @@ class _NpzSource(DataSource):
             yield Batch(inputs, labels)
 
 
-def _list_images(root: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...]]:
-    """Sorted image files, their labels (None for a flat folder) and the class names."""
+def _list_images(root: Path, labels_file: LabelsFile | None = None,
+                 class_map: dict[str, int] | None = None) -> tuple[list[Path], list[int] | None, tuple[str, ...]]:
+    """Sorted image files, their labels (None for a flat folder without a labels file) and the
+    class names. Class sub-folders are numbered by sorted position, or by ``class_map`` (every
+    sub-folder must be in it); a flat folder takes its labels from ``labels_file``."""
 
     def is_image(p: Path) -> bool:
         return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
@@ -640,22 +817,54 @@ def _list_images(root: Path) -> tuple[list[Path], list[int] | None, tuple[str, .
             files.extend(Path(dirpath) / f for f in filenames)
         per_class.append(sorted((p for p in files if is_image(p)), key=lambda p: p.relative_to(d).as_posix()))
     if not any(per_class):
-        return flat, None, ()
+        if labels_file is None:
+            return flat, None, ()
+        return flat, _flat_labels(root, flat, labels_file, class_map), ()
+    if labels_file is not None:
+        raise DataError(
+            f"{labels_file.path}: {root} has class sub-folders, which give the labels; a labels file is for a flat "
+            f"folder (use --class-map FILE to number the sub-folders)"
+        )
     if flat:
         raise DataError(
             f"{root}: mixes images ({flat[0].name}, ...) with class folders ({class_dirs[0].name}, ...); "
             f"use either class sub-folders or a flat folder"
         )
-    for d, files in zip(class_dirs, per_class):
-        if not files:
-            log.warning("%s: class folder %s holds no images (its label index is still reserved)", root, d.name)
+    if class_map is not None:
+        missing = [d.name for d, files in zip(class_dirs, per_class) if files and d.name not in class_map]
+        if missing:
+            raise DataError(f"{root}: class folder {missing[0]!r} is not in the class map"
+                            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        index = [class_map.get(d.name, -1) for d in class_dirs]
+    else:
+        index = list(range(len(class_dirs)))
+        for d, files in zip(class_dirs, per_class):
+            if not files:
+                log.warning("%s: class folder %s holds no images (its label index is still reserved)", root, d.name)
     paths = [p for files in per_class for p in files]
-    labels = [i for i, files in enumerate(per_class) for _ in files]
+    labels = [index[i] for i, files in enumerate(per_class) for _ in files]
     return paths, labels, tuple(d.name for d in class_dirs)
 
 
+def _flat_labels(root: Path, files: list[Path], lf: LabelsFile, class_map: dict[str, int] | None) -> list[int]:
+    if lf.in_order is not None:
+        if len(lf.in_order) != len(files):
+            raise DataError(
+                f"{lf.path}: {len(lf.in_order)} labels (one per line) but {root} holds {len(files)} images; a file "
+                f"of bare labels must have one per image, in sorted file-name order (else give 'filename,label' lines)"
+            )
+        return [_label_index(t, class_map, f"{lf.path}, line {i + 1}") for i, t in enumerate(lf.in_order)]
+    assert lf.by_name is not None
+    missing = [p.name for p in files if p.name not in lf.by_name]
+    if missing:
+        raise DataError(f"{lf.path}: no label for {missing[0]} in {root}" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [_label_index(lf.by_name[p.name], class_map, f"{lf.path}, {p.name}") for p in files]
+
+
 class _ImageFolderSource(DataSource):
-    def __init__(self, root: Path, specs: Mapping[str, InputSpec], preprocess: PreprocessSpec | None, batch_size: int, limit: int | None) -> None:
+    def __init__(self, root: Path, specs: Mapping[str, InputSpec], preprocess: PreprocessSpec | None, batch_size: int, limit: int | None,
+                 labels_file: LabelsFile | None = None, class_map: dict[str, int] | None = None,
+                 split: Split | None = None, offset: int = 0) -> None:
         where = str(root)
         if len(specs) != 1:
             raise DataError(f"{where}: an image folder feeds a single-input model; model inputs are {', '.join(specs)}")
@@ -691,7 +900,12 @@ class _ImageFolderSource(DataSource):
                 )
         if not root.is_dir():
             raise DataError(f"{root}: no such folder")
-        self._paths, self._labels, self.class_names = _list_images(root)
+        self._paths, self._labels, self.class_names = _list_images(root, labels_file, class_map)
+        if split is not None or offset:
+            keep = select_positions(len(self._paths), split, offset, None)
+            self._paths = [self._paths[i] for i in keep]
+            self._labels = None if self._labels is None else [self._labels[i] for i in keep]
+            where = f"{where} [{', '.join(x for x in (str(split) if split else '', f'offset {offset}' if offset else '') if x)}]"
         self._input = name
         self._channels = c
         self._preprocess = preprocess
@@ -826,6 +1040,51 @@ class _IterableSource(DataSource):
         yield b
 
 
+class _SlicedSource(DataSource):
+    """The samples of ``inner`` at the positions a split / offset / limit keeps (module docstring),
+    re-batched; for the sources whose samples are not listed up front (.npz, readers, iterables)."""
+
+    def __init__(self, inner: DataSource, split: Split | None, offset: int, limit: int | None) -> None:
+        label = ", ".join(x for x in (str(split) if split else "", f"offset {offset}" if offset else "") if x)
+        super().__init__(f"{inner.name} [{label}]", inner.specs, inner.batch_size, None, inner.reiterable, limit)
+        self._inner, self._split, self._offset = inner, split, offset
+        if inner.num_samples is not None:
+            self.num_samples = self._usable(len(select_positions(inner.num_samples, split, offset, None)))
+
+    def _batches(self) -> Iterator[Batch]:
+        bs, left, skip = self.batch_size, self.limit, self._offset
+        pending: list[Batch] = []
+        pending_n = 0
+        start = 0
+        for b in self._inner:
+            pos = np.arange(start, start + b.size, dtype=np.int64)  # (size,)
+            start += b.size
+            keep = np.flatnonzero(self._split.keeps(pos)) if self._split is not None else np.arange(b.size)
+            if skip:
+                dropped = min(skip, len(keep))
+                keep, skip = keep[dropped:], skip - dropped
+            if left is not None:
+                keep = keep[:left]
+                left -= len(keep)
+            if len(keep):
+                pending.append(Batch({k: v[keep] for k, v in b.inputs.items()}, None if b.labels is None else b.labels[keep]))
+                pending_n += len(keep)
+            while pending_n >= bs:
+                whole = Batch({k: np.concatenate([x.inputs[k] for x in pending]) for k in pending[0].inputs},
+                              None if pending[0].labels is None else np.concatenate([x.labels for x in pending]))  # type: ignore[misc]
+                yield Batch({k: v[:bs] for k, v in whole.inputs.items()}, None if whole.labels is None else whole.labels[:bs])
+                rest = Batch({k: v[bs:] for k, v in whole.inputs.items()}, None if whole.labels is None else whole.labels[bs:])
+                pending, pending_n = ([rest] if rest.size else []), rest.size
+            if left == 0:
+                break
+        if pending_n:
+            if self.static_batch is not None and pending_n != self.static_batch:
+                log.warning("%s: the model fixes the batch size to %d; dropping %d sample(s)", self.name, self.static_batch, pending_n)
+                return
+            yield Batch({k: np.concatenate([x.inputs[k] for x in pending]) for k in pending[0].inputs},
+                        None if pending[0].labels is None else np.concatenate([x.labels for x in pending]))  # type: ignore[misc]
+
+
 def open_data(
     spec: Any,
     model_inputs: Mapping[str, Any],
@@ -833,6 +1092,10 @@ def open_data(
     limit: int | None = None,
     batch_size: int = 32,
     preprocess: PreprocessSpec | None = None,
+    offset: int = 0,
+    split: Split | str | None = None,
+    labels: str | os.PathLike | None = None,
+    class_map: str | os.PathLike | Mapping[str, int] | None = None,
 ) -> DataSource:
     """Open calibration/evaluation data for a model whose inputs are ``model_inputs``.
 
@@ -841,12 +1104,31 @@ def open_data(
     with ``get_next()``, or an iterable of dicts of arrays (see the module docstring). ``limit``
     caps the number of samples. File sources are checked here (names, dtypes, shapes, labels);
     NaN/inf and emptiness are checked as batches stream.
+
+    ``split`` (``fold:I/K`` / ``rest:I/K`` or a :class:`Split`) and ``offset`` select a slice of any
+    source before ``limit`` applies (module docstring). Image folders only: ``labels``, a labels
+    file for a flat folder (:func:`read_labels_file`), and ``class_map``, a file
+    (:func:`read_class_map`) or dict of class name -> index, which numbers class sub-folders (or
+    turns the class names of a labels file into indices).
     """
     specs = _normalise_specs(model_inputs)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ConfigError(f"offset must be an integer >= 0, got {offset!r}")
+    split = Split.parse(split) if split is not None else None
+    folder = isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir()
+    if (labels is not None or class_map is not None) and not folder and not (
+            isinstance(spec, (str, os.PathLike)) and not Path(spec).exists()):
+        what = "--labels" if labels is not None else "--class-map"
+        raise DataError(f"{spec if isinstance(spec, (str, os.PathLike)) else 'data'}: {what} applies to image folders only "
+                        f"(an .npz carries its own 'labels' array)")
+    if folder:
+        lf = read_labels_file(labels) if labels is not None else None
+        cmap = dict(class_map) if isinstance(class_map, Mapping) else (read_class_map(class_map) if class_map is not None else None)
+        return _ImageFolderSource(Path(spec), specs, preprocess, batch_size, limit, lf, cmap, split, offset)
+    if split is not None or offset:
+        return _SlicedSource(open_data(spec, model_inputs, batch_size=batch_size, preprocess=preprocess), split, offset, limit)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
-        if path.is_dir():
-            return _ImageFolderSource(path, specs, preprocess, batch_size, limit)
         if path.suffix.lower() == ".npz":
             return _NpzSource(path, specs, batch_size, limit)
         if not path.exists():

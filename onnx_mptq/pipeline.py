@@ -29,11 +29,12 @@ from .config import Config, OptmSelect, RuntimeConfig
 from .data import check_shapes_fit
 from .errors import DataError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
-from .graph.io import graph_digest, load_model
+from .graph.io import graph_digest, load_model, model_file_bytes, opset_of
 from .plan import QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
     from .passes.emit_qdq import EmitReport, EmitResult
+    from .passes.pack_int4 import PackResult
     from .passes.smooth import SmoothReport
     from .search.mixed import AllocationResult
     from .search.optm import TwinSelection
@@ -97,6 +98,7 @@ class QuantizeResult:
     sizes: ModelSizes | None = None
     layers: tuple[LayerMeasure, ...] = ()  # in plan order; SQNR only with ``measure=True``
     fp32: EvaluationReport | None = None  # the FP32 model on the eval data (``measure=True``)
+    storage: PackResult | None = None  # how the weight codes are stored in ``model`` (int8 / int4)
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -170,7 +172,6 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     per-layer SQNR on a few calibration samples and, with ``eval_data``, the FP32 model's own
     evaluation (``QuantizeResult.layers`` / ``.fp32``)."""
     from .calibrate.capture import capture_unit_inputs
-    from .passes.emit_qdq import emit_qdq
     from .search.scales import search_scales
 
     show = resolve_progress(progress)
@@ -225,7 +226,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
-    emitted = emit_qdq(work, plan, analysis)
+    plan = _resolve_storage(plan, work)
+    emitted = _emit(work, plan, analysis)
     qmodel, ereport = emitted.model, emitted.report
     eval_ds = None
     validation = None
@@ -246,9 +248,30 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
                             progress=False)
         timings["measure_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    sizes = ModelSizes(source.ByteSize() / 1e6, qmodel.ByteSize() / 1e6, packed_size_mb(plan, work))
+    sizes = ModelSizes(model_file_bytes(source) / 1e6, model_file_bytes(qmodel) / 1e6, packed_size_mb(plan, work))
     return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection,
-                          sizes=sizes, layers=layers, fp32=fp32)
+                          sizes=sizes, layers=layers, fp32=fp32, storage=emitted.storage)
+
+
+def _resolve_storage(plan: QuantPlan, work: onnx.ModelProto) -> QuantPlan:
+    """The plan with ``emission.weight_storage`` resolved to INT8 or INT4 and recorded (before
+    emission: the emitted model's marker holds the plan's digest). AUTO packs only a model already
+    at opset >= 21; nothing of 4 bits or fewer is never packed (no opset change for nothing)."""
+    from .passes.pack_int4 import resolve_storage
+
+    packable = any(lp.weight is not None and lp.weight.bits <= 4 for lp in plan.layers)
+    storage = resolve_storage(plan.emission.weight_storage, opset_of(work), packable)
+    return dataclasses.replace(plan, emission=dataclasses.replace(plan.emission, weight_storage=storage))
+
+
+def _emit(work: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult:
+    """QDQ emission, then the weight storage the plan records (passes/pack_int4.py)."""
+    from .passes.emit_qdq import emit_qdq
+    from .passes.pack_int4 import pack_int4
+
+    emitted = emit_qdq(work, plan, analysis)
+    stored = pack_int4(emitted.model, plan.emission.weight_storage)
+    return dataclasses.replace(emitted, model=stored.model, storage=stored)
 
 
 def _layer_measures(plan: QuantPlan, analysis: ModelAnalysis) -> tuple[LayerMeasure, ...]:
@@ -287,7 +310,6 @@ def packed_size_mb(plan: QuantPlan, model: onnx.ModelProto) -> float:
 def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> EmitResult:
     """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data: a
     :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written)."""
-    from .passes.emit_qdq import emit_qdq
     from .passes.smooth import apply_smoothing
 
     source = _as_model(model)
@@ -307,7 +329,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) 
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis)
+    return _emit(work, _resolve_storage(plan, work), analysis)
 
 
 def _eval_source(data: Any, reference: onnx.ModelProto, batch_size: int):

@@ -94,6 +94,14 @@ class WeightContainer(str, enum.Enum):
     UINT8 = "uint8"  # codes + 128 in uint8, zero point 128 (U8U8 kernels), for every weight
 
 
+class WeightStorage(str, enum.Enum):
+    """How weight codes are stored in the emitted file (passes/pack_int4.py)."""
+
+    AUTO = "auto"  # int4 where the model's opset is >= 21 already, else int8 (no opset change)
+    INT8 = "int8"  # one code a byte (today's form, every opset >= 13)
+    INT4 = "int4"  # codes of 4 bits or fewer packed two a byte; converts the model to opset 21 if older
+
+
 class RangeForm(str, enum.Enum):
     """How codes are held to a b-bit range narrower than the 8-bit container."""
 
@@ -117,10 +125,14 @@ class Emission:
     range_form: RangeForm = RangeForm.INTEGER
     twin_form: TwinForm = TwinForm.AUTO
     weight_container: WeightContainer = WeightContainer.AUTO
+    # file storage of the codes (passes/pack_int4.py, applied after emission); AUTO is resolved to
+    # INT8 or INT4 (with the opset-21 conversion it needs) before emission, and recorded
+    weight_storage: WeightStorage = WeightStorage.AUTO
 
     def __post_init__(self) -> None:
         for f, cls in (("symmetric_container", SymmetricContainer), ("range_form", RangeForm),
-                       ("twin_form", TwinForm), ("weight_container", WeightContainer)):
+                       ("twin_form", TwinForm), ("weight_container", WeightContainer),
+                       ("weight_storage", WeightStorage)):
             object.__setattr__(self, f, _enum(cls, getattr(self, f), f))
 
 

@@ -286,6 +286,7 @@ def _json(plan, allocation, rows, fp, q, fp_size, q_size, packed, result, notes)
         "fp32": _eval_dict(fp),
         "quantized": _eval_dict(q),
         "size_mb": {"fp32_onnx": fp_size, "quantized_onnx": q_size, "quantized_packed": packed},
+        "weight_storage": plan.emission.weight_storage.value,
         "timings_s": dict(result.timings),
         "optm": _optm_json(result.optm),
         "allocation": None if allocation is None else {

@@ -8,7 +8,9 @@ flattened to that). Metrics are accumulated batch by batch with
 Units of :class:`EvaluationReport`: top1 / top5 / top1_agreement in percent (0..100), cosine as
 a fraction in [-1, 1] (mean per-sample cosine of the logits), sqnr_db in dB over all logits, kl
 in nats (mean KL(softmax(ref) || softmax(model))), latencies in milliseconds. top1/top5 need
-labels, the agreement metrics need a reference; they are None otherwise. ``sqnr_db`` is +inf when
+labels, the agreement metrics need a reference; they are None otherwise. ``reference_top1`` /
+``reference_top5`` are the reference model's own accuracy on the same samples (labels and a
+reference needed), so a quantized model's drop reads off one report. ``sqnr_db`` is +inf when
 the outputs are identical; JSON cannot hold inf, so the JSON form has null there (null sqnr_db
 with a non-null top1_agreement therefore means "identical").
 
@@ -64,6 +66,8 @@ class EvaluationReport(Record):
     latency_ms_b1: float | None = None
     latency_ms_batch: float | None = None
     provider: str | None = None  # the ORT provider that ran the model
+    reference_top1: float | None = None  # percent: the reference's own top-1 on the same samples
+    reference_top5: float | None = None
 
 
 def _logits(out: np.ndarray, batch: int, where: str) -> np.ndarray:
@@ -80,6 +84,18 @@ def _check_inputs(session: Session, data: DataSource, what: str) -> None:
         raise DataError(
             f"{data.name}: data has inputs {', '.join(data.input_names)}; {what} inputs are {', '.join(session.input_names)}"
         )
+
+
+def _check_reference_shapes(session: Session, batch: Batch, name: str) -> None:
+    """The reference must take the data as the evaluated model does: name it and both shapes."""
+    for inp, shape in zip(session.input_names, session.input_shapes):
+        got = batch.inputs[inp].shape
+        if len(shape) != len(got) or any(isinstance(d, int) and d != g for d, g in zip(shape[1:], got[1:])):
+            want = "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise DataError(
+                f"{name}: input {inp!r} expects {want} but the data gives {'x'.join(map(str, got))} "
+                f"(dim 0 is the batch); the reference must take the same inputs as the evaluated model"
+            )
 
 
 def _fixed_batch(session: Session) -> int | None:
@@ -114,8 +130,11 @@ def evaluate(
     reference: ModelLike | None = None,
     latency_batch_size: int | None = None,
     progress: bool = True,
+    reference_name: str = "reference model",
 ) -> EvaluationReport:
-    """Run ``model`` (and ``reference``, on the same batches) over ``data``; see the module doc."""
+    """Run ``model`` (and ``reference``, on the same batches) over ``data``; see the module doc.
+
+    ``reference_name`` names the reference in messages (e.g. ``reference model fp32.onnx``)."""
     lat_bs = runtime.batch_size if latency_batch_size is None else latency_batch_size
     if isinstance(lat_bs, bool) or not isinstance(lat_bs, int) or lat_bs < 1:
         raise DataError(f"latency_batch_size must be an integer >= 1, got {latency_batch_size!r}")
@@ -124,7 +143,7 @@ def evaluate(
     ref_session = None
     if reference is not None:
         ref_session = make_session(reference, runtime)
-        _check_inputs(ref_session, data, "reference model")
+        _check_inputs(ref_session, data, reference_name)
 
     fixed = _fixed_batch(session)
     keep = fixed if fixed is not None else max(1, lat_bs)  # samples kept for timing
@@ -142,7 +161,12 @@ def evaluate(
             labelled = has
             out = session.run(batch.inputs, session.output_names[:1])[0]
             if ref_session is not None:
-                ref = _logits(ref_session.run(batch.inputs, ref_session.output_names[:1])[0], batch.size, "reference model")
+                _check_reference_shapes(ref_session, batch, reference_name)
+                try:
+                    ref_out = ref_session.run(batch.inputs, ref_session.output_names[:1])[0]
+                except DataError as e:
+                    raise DataError(f"{reference_name} cannot run on the data that {data.name} gives the evaluated model: {e}") from None
+                ref = _logits(ref_out, batch.size, reference_name)
                 out = _logits(out, batch.size, "model")
             else:
                 out = _logits(out, batch.size, "model")
@@ -150,7 +174,7 @@ def evaluate(
             classes = out.shape[1]
             if ref.shape != out.shape:
                 raise UnsupportedModelError(
-                    f"the model's logits have shape {out.shape[1:]} per batch but the reference's have {ref.shape[1:]}"
+                    f"the model's logits have shape {out.shape[1:]} per batch but {reference_name}'s have {ref.shape[1:]}"
                 )
             acc.update(ref, out, batch.labels)
             if kept_n < keep:
@@ -183,6 +207,8 @@ def evaluate(
         latency_ms_b1=lat_b1,
         latency_ms_batch=lat_batch,
         provider=session.provider,
+        reference_top1=pct(summary.ref_topk[1]) if with_ref and summary.ref_topk else None,
+        reference_top5=pct(summary.ref_topk[5]) if with_ref and summary.ref_topk and classes >= 5 else None,
     )
 
 

@@ -79,6 +79,46 @@ def test_evaluate_with_reference_and_json(files, capsys):
     assert doc["provider"] == "CPUExecutionProvider"
 
 
+def _labelled_folder(root: Path, n: int) -> Path:
+    """A flat folder of n 8x8 RGB PNGs and a labels file ('filename,index')."""
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+    (root.parent / "labels.csv").write_text("filename,label\n" + "".join(f"img{i:02d}.png,{i % 5}\n" for i in range(n)))
+    return root.parent / "labels.csv"
+
+
+def test_evaluate_labelled_folder_prints_the_reference_accuracy(files, capsys):
+    labels = _labelled_folder(files["out"] / "imgs", 12)
+    pre = ["--size", "8", "--mean", "0.5", "--std", "0.25"]
+    report = files["out"] / "eval.json"
+    out = cli(capsys, "-q", "evaluate", str(files["model"]), "--data", str(files["out"] / "imgs"), "--labels", str(labels),
+              "--reference", str(files["model"]), "--split", "rest:0/3", "--json", str(report), *pre, *CPU)
+    doc = json.loads(report.read_text())
+    assert doc["num_samples"] == 8 and doc["top1"] is not None  # rest:0/3 of 12
+    assert doc["reference_top1"] == doc["top1"]  # the reference is the model itself
+    assert f"  reference_top1: {doc['reference_top1']:.4g}" in out
+    # one folder, two disjoint slices: calibration and held-out evaluation
+    q = files["out"] / "q.onnx"
+    out = cli(capsys, "quantize", str(files["model"]), "-o", str(q), "--calib", str(files["out"] / "imgs"), "--split", "fold:0/3",
+              "--eval", str(files["out"] / "imgs"), "--eval-split", "rest:0/3", "--labels", str(labels), *pre, *CPU)
+    assert "validation vs FP32: top1 " in out and "FP32 reference on the same data: top1 " in out
+
+
+def test_evaluate_reference_with_another_input_shape_names_it(files, capsys):
+    from graphs import tiny_vit
+
+    other = files["out"] / "ref16.onnx"
+    onnx.save(tiny_vit(img=16), other)
+    rc = main(["evaluate", str(files["model"]), "--data", str(files["eval"]), "--reference", str(other), *CPU])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"onnx-mptq: error: reference model {other}: input 'input' expects ?x3x16x16 but the data gives ")
+
+
 def test_evaluate_limit(files, capsys):
     report = files["out"] / "eval.json"
     cli(capsys, "-q", "evaluate", str(files["model"]), "--data", str(files["eval"]), "--limit", "10", "--json", str(report), *CPU)

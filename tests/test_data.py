@@ -431,3 +431,135 @@ def test_preprocess_from_timm():
     assert spec == PreprocessSpec(size=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=1.0, channels=3)
     with pytest.raises(DataError, match="timm does not know the model 'no_such_model_xyz'"):
         preprocess_from_timm("no_such_model_xyz")
+
+
+# ------------------------------------------------------------- labels files, class maps, slices
+
+
+def _flat(tmp_path: Path, names: list[str]) -> Path:
+    root = tmp_path / "flat"
+    for i, n in enumerate(names):
+        make_image(root / n, 10 * i)
+    return root
+
+
+def _pixel_order(x: np.ndarray) -> list[int]:
+    """Which of the _flat images (value 10 * i) each sample is."""
+    return [int(round(((v * 0.5 + 0.5) * 255) / 10)) for v in x[:, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("text", [
+    "filename,label\nb.png,4\na.png,7\nc.png,0\nextra_not_in_folder.png,3\n",  # CSV with a header, extra rows
+    "a.png 7\n# comment\nb.png 4\n\nc.png 0\n",  # whitespace (shared/data's labels.txt form)
+    "7\n4\n0\n",  # one label per sorted file (ImageNet's validation ground truth form)
+])
+def test_labels_file_for_a_flat_folder(tmp_path, text):
+    root = _flat(tmp_path, ["a.png", "b.png", "c.png"])
+    (tmp_path / "labels.txt").write_text(text)
+    x, labels, _ = collect(open_data(root, IMG, preprocess=SPEC1, labels=tmp_path / "labels.txt"))
+    np.testing.assert_array_equal(labels, [7, 4, 0])
+    assert _pixel_order(x) == [0, 1, 2]
+
+
+def test_labels_file_errors_name_the_file(tmp_path):
+    root = _flat(tmp_path, ["a.png", "b.png", "c.png"])
+    lab = tmp_path / "labels.csv"
+    lab.write_text("a.png,1\nb.png,2\n")
+    with pytest.raises(DataError) as e:
+        open_data(root, IMG, preprocess=SPEC1, labels=lab)
+    assert str(e.value) == f"{lab}: no label for c.png in {root}"
+    lab.write_text("1\n2\n")
+    with pytest.raises(DataError, match=r"2 labels \(one per line\) but .* holds 3 images"):
+        open_data(root, IMG, preprocess=SPEC1, labels=lab)
+    lab.write_text("a.png,n01\nb.png,2\nc.png,3\n")
+    with pytest.raises(DataError, match=r"label 'n01' is a class name; give --class-map"):
+        open_data(root, IMG, preprocess=SPEC1, labels=lab)
+    with pytest.raises(DataError, match="no such labels file"):
+        open_data(root, IMG, preprocess=SPEC1, labels=tmp_path / "nope.txt")
+    make_image(tmp_path / "classes" / "cat" / "a.png", 1)
+    with pytest.raises(DataError, match="has class sub-folders, which give the labels"):
+        open_data(tmp_path / "classes", IMG, preprocess=SPEC1, labels=lab)
+    np.savez(tmp_path / "d.npz", input=samples(2))
+    with pytest.raises(DataError, match="--labels applies to image folders only"):
+        open_data(tmp_path / "d.npz", IMG, labels=lab)
+
+
+def test_labels_file_of_class_names_through_a_class_map(tmp_path):
+    root = _flat(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "labels.csv").write_text("a.png,n02\nb.png,n01\n")
+    (tmp_path / "map.txt").write_text("n01 7\nn02 3\n")
+    _, labels, _ = collect(open_data(root, IMG, preprocess=SPEC1, labels=tmp_path / "labels.csv", class_map=tmp_path / "map.txt"))
+    np.testing.assert_array_equal(labels, [3, 7])
+
+
+@pytest.mark.parametrize("name,text", [
+    ("map.txt", "n01440764 0\nn99 998\nn50 4\n"),
+    ("map.csv", "n01440764,0\nn50,4\nn99,998\n"),
+    ("synset_words.txt", "n01440764 tench, Tinca tinca\nx1 a\nx2 b\nx3 c\nn50 cat, feline\n"),  # index = line
+    ("map.json", '{"n01440764": 0, "n50": 4}'),
+    ("imagenet_class_index.json", '{"0": ["n01440764", "tench"], "4": ["n50", "cat"]}'),
+])
+def test_class_map_numbers_sub_folders_as_the_model_does(tmp_path, name, text):
+    # an ImageNet subset: only two classes, whose sorted positions (0, 1) are not their indices (0, 4)
+    make_image(tmp_path / "data" / "n50" / "a.png", 10)
+    make_image(tmp_path / "data" / "n01440764" / "b.png", 20)
+    (tmp_path / name).write_text(text)
+    src = open_data(tmp_path / "data", IMG, preprocess=SPEC1, class_map=tmp_path / name)
+    _, labels, _ = collect(src)
+    np.testing.assert_array_equal(labels, [0, 4])  # n01440764/b.png, n50/a.png
+    _, plain, _ = collect(open_data(tmp_path / "data", IMG, preprocess=SPEC1))
+    np.testing.assert_array_equal(plain, [0, 1])  # without the map: sorted positions
+
+
+def test_class_map_must_cover_every_class_folder(tmp_path):
+    make_image(tmp_path / "data" / "n50" / "a.png", 10)
+    make_image(tmp_path / "data" / "n77" / "a.png", 10)
+    (tmp_path / "map.txt").write_text("n50 4\n")
+    with pytest.raises(DataError) as e:
+        open_data(tmp_path / "data", IMG, preprocess=SPEC1, class_map=tmp_path / "map.txt")
+    assert str(e.value) == f"{tmp_path / 'data'}: class folder 'n77' is not in the class map"
+
+
+def test_split_and_offset_select_positions_in_a_folder(tmp_path):
+    root = _flat(tmp_path, [f"{i:02d}.png" for i in range(10)])
+    pick = lambda **kw: _pixel_order(collect(open_data(root, IMG, preprocess=SPEC1, batch_size=3, **kw))[0])  # noqa: E731
+    fold, rest = pick(split="fold:1/4"), pick(split="rest:1/4")
+    assert fold == [1, 5, 9] and rest == [0, 2, 3, 4, 6, 7, 8]
+    assert sorted(fold + rest) == list(range(10))
+    assert pick(offset=7) == [7, 8, 9]
+    assert pick(offset=2, limit=3) == [2, 3, 4]
+    assert pick(split="rest:1/4", offset=1, limit=2) == [2, 3]  # split, then offset, then limit
+    src = open_data(root, IMG, preprocess=SPEC1, split="rest:1/4", limit=5)
+    assert src.num_samples == 5 and "rest:1/4" in src.name
+
+
+def test_split_of_a_labelled_folder_keeps_labels_aligned(tmp_path):
+    for i in range(6):
+        make_image(tmp_path / "d" / ("cat" if i < 3 else "dog") / f"{i}.png", 10 * i)
+    x, labels, _ = collect(open_data(tmp_path / "d", IMG, preprocess=SPEC1, split="fold:0/2"))
+    assert _pixel_order(x) == [0, 2, 4]
+    np.testing.assert_array_equal(labels, [0, 0, 1])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_split_offset_limit_on_npz_and_iterables(tmp_path, save):
+    x, y = samples(11), np.arange(11)
+    p = tmp_path / "d.npz"
+    save(p, input=x, labels=y)
+    want = np.arange(11)[np.arange(11) % 3 != 0][1:][:4]  # rest:0/3, offset 1, limit 4 -> [2, 4, 5, 7]
+    for data in (p, [{"input": x[i:i + 2], "labels": y[i:i + 2]} for i in range(0, 11, 2)]):
+        src = open_data(data, IMG, batch_size=3, split="rest:0/3", offset=1, limit=4)
+        got_x, got_y, sizes = collect(src)
+        np.testing.assert_array_equal(got_y, want)
+        np.testing.assert_array_equal(got_x, x[want])
+        assert sizes == [3, 1]
+    assert open_data(p, IMG, split="fold:0/3").num_samples == 4
+
+
+@pytest.mark.parametrize("spec", ["0/3", "fold:3/3", "fold:0/1", "rest:a/b", "half"])
+def test_bad_split_spec(tmp_path, spec):
+    np.savez(tmp_path / "d.npz", input=samples(2))
+    with pytest.raises(ConfigError, match="split"):
+        open_data(tmp_path / "d.npz", IMG, split=spec)
+    with pytest.raises(ConfigError, match="offset must be an integer >= 0"):
+        open_data(tmp_path / "d.npz", IMG, offset=-1)

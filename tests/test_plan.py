@@ -29,7 +29,7 @@ from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, qran
 from onnx_mptq.numerics.twin import TwinParams, fixed_ratio_twin
 from onnx_mptq.passes.simulate import fake_quant_operand, fake_quant_weight
 from onnx_mptq.plan import (ActQuant, Emission, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
-                            WeightContainer, WeightQuant, rederive_steps)
+                            WeightContainer, WeightStorage, WeightQuant, rederive_steps)
 
 CPU = RuntimeConfig(providers="cpu")
 
@@ -74,7 +74,8 @@ def _json_round_trip(plan: QuantPlan) -> QuantPlan:
 
 def test_search_records_the_configured_container(searched) -> None:
     _, _, res = searched
-    assert res.plan.emission == Emission(weight_container=WeightContainer.INT8)
+    # auto weight storage is resolved before emission and recorded: int8 for an opset-17 model
+    assert res.plan.emission == Emission(weight_container=WeightContainer.INT8, weight_storage=WeightStorage.INT8)
     assert json.loads(res.plan.to_json())["emission"]["weight_container"] == "int8"
     assert res.emit_report.weight_container == "int8"
 

@@ -99,12 +99,39 @@ def test_reference_metrics_match_numpy():
     assert r.cosine == pytest.approx(cosine(lr, lo), rel=1e-5)
     assert r.sqnr_db == pytest.approx(sqnr_db(lr, lo), rel=1e-4)
     assert r.kl == pytest.approx(kl_softmax(lr, lo), rel=1e-4)
+    # the reference's own accuracy on the same samples, beside the model's
+    top5 = np.argsort(-lr, axis=1)[:, :5]
+    assert r.reference_top1 == pytest.approx(100 * np.mean(lr.argmax(1) == y))
+    assert r.reference_top5 == pytest.approx(100 * np.mean((top5 == y[:, None]).any(1)))
+    assert r.top1 == pytest.approx(100 * np.mean(lo.argmax(1) == y))
+    assert r.reference_top1 != r.top1  # the perturbed model does differ here: the two are not one figure
+
+
+def test_reference_top1_needs_labels_and_a_reference():
+    model = linear()
+    x, y = dataset()
+    r = evaluate(model, open_data([{"x": x, "labels": y}], input_specs(model)), CPU, progress=False)
+    assert r.top1 is not None and r.reference_top1 is None and r.reference_top5 is None
+    r = evaluate(model, open_data([{"x": x}], input_specs(model)), CPU, reference=model, progress=False)
+    assert r.reference_top1 is None
+
+
+def test_reference_with_another_input_shape_is_named():
+    model, ref = linear(features=6), linear(features=5)
+    x, y = dataset()
+    data = open_data([{"x": x, "labels": y}], input_specs(model))
+    with pytest.raises(DataError) as e:
+        evaluate(model, data, CPU, reference=ref, progress=False, reference_name="reference model fp32.onnx")
+    assert str(e.value) == (
+        "reference model fp32.onnx: input 'x' expects ?x5 but the data gives 20x6 (dim 0 is the batch); the reference "
+        "must take the same inputs as the evaluated model"
+    )
 
 
 def test_report_fields():
     assert [f.name for f in dataclasses.fields(EvaluationReport)] == [
         "num_samples", "top1", "top5", "top1_agreement", "cosine", "sqnr_db", "kl",
-        "latency_ms_b1", "latency_ms_batch", "provider",
+        "latency_ms_b1", "latency_ms_batch", "provider", "reference_top1", "reference_top5",
     ]
 
 

@@ -3,6 +3,7 @@
 
     python tools/check_int_kernels.py MODEL.onnx
     python tools/check_int_kernels.py FP32.onnx --compare-ort --data calib.npz [--batch 32 --runs 20]
+    python tools/check_int_kernels.py A.onnx B.onnx [...] --latency [--data x.npz] [--batch 32 --runs 20]
 
 The first form builds a CPU session with graph optimizations on (``ORT_ENABLE_ALL``) and
 ``optimized_model_filepath`` set, loads the graph ORT saved and prints its op-type counts,
@@ -15,6 +16,12 @@ input), then builds side by side: onnx-mptq's W8A8 emission of a min/max plan, a
 ``onnxruntime.quantization.quantize_static`` (QDQ, per_channel=True, MinMax, uint8 activations,
 int8 weights) on the same data; it prints both kernel summaries and the median latency (several
 runs, batch ``--batch``) of FP32, quantize_static and onnx-mptq.
+
+``--latency`` with several models (e.g. the int8 and the int4 storage of one quantized model,
+``--weight-storage int8|int4``) prints each one's kernel summary and times them side by side in
+one run: interleaved rounds, the same inputs (``--data`` or seeded normal noise shaped like the
+first model's inputs, dynamic dims = ``--batch``), median of ``--runs`` per round, median of rounds;
+it also reports the file sizes and the largest output difference from the first model.
 """
 
 from __future__ import annotations
@@ -186,9 +193,39 @@ def compare_ort(fp32_path: Path, data: Path, batch: int, runs: int, threads: int
     return result
 
 
+def _bench_feeds(model_path: Path, data: Path | None, batch: int) -> dict[str, np.ndarray]:
+    from onnx_mptq.data import input_specs
+
+    specs = input_specs(onnx.load(str(model_path), load_external_data=False))
+    if data is not None:
+        arrays = {k: v for k, v in np.load(data).items() if k != "labels"}
+        if len(specs) == 1 and len(arrays) == 1:
+            arrays = {next(iter(specs)): next(iter(arrays.values()))}
+        return {k: a[:batch] if len(a) >= batch else np.resize(a, (batch,) + a.shape[1:]) for k, a in arrays.items()}
+    rng = np.random.default_rng(0)
+    return {k: rng.standard_normal(tuple(d if isinstance(d, int) else batch for d in sp.shape)).astype(sp.dtype)
+            for k, sp in specs.items()}
+
+
+def side_by_side(models: list[Path], data: Path | None, batch: int, runs: int, threads: int, rounds: int = 3) -> dict:
+    """Kernels, file size, output difference from models[0] and interleaved median latency of each model."""
+    feeds = _bench_feeds(models[0], data, batch)
+    outs = [make_session(str(m), RuntimeConfig(providers=Providers.CPU, threads=threads)).run(feeds)[0] for m in models]
+    lat: dict[str, list[float]] = {str(m): [] for m in models}
+    for _ in range(rounds):  # interleaved rounds: machine load hits every model alike
+        for m in models:
+            lat[str(m)].append(median_latency(m, feeds, runs, threads))
+    return {str(m): {"kernels": count_kernels(m, threads), "bytes": m.stat().st_size,
+                     "max_abs_diff": float(np.max(np.abs(o.astype(np.float64) - outs[0]))),
+                     "latency_ms": 1e3 * float(np.median(lat[str(m)]))}
+            for m, o in zip(models, outs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path)
+    ap.add_argument("more", type=Path, nargs="*", help="more models, for --latency")
+    ap.add_argument("--latency", action="store_true", help="time MODEL and the other models side by side")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a float MatMul/Gemm/Conv remains")
     ap.add_argument("--compare-ort", action="store_true",
                     help="MODEL is FP32: compare onnx-mptq W8A8 with quantize_static (needs --data)")
@@ -197,9 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if not args.model.is_file():
-        print(f"{args.model}: no such file", file=sys.stderr)
-        return 2
+    for m in [args.model, *args.more]:
+        if not m.is_file():
+            print(f"{m}: no such file", file=sys.stderr)
+            return 2
+    if args.latency:
+        res = side_by_side([args.model, *args.more], args.data, args.batch, args.runs, args.threads)
+        for name, r in res.items():
+            print(format_kernels(r["kernels"], name))
+        print(f"== latency, batch {args.batch}, {args.threads} thread(s), median of {args.runs} runs x 3 rounds (interleaved)")
+        first = next(iter(res.values()))
+        for name, r in res.items():
+            print(f"  {r['latency_ms']:8.2f} ms  x{r['latency_ms'] / first['latency_ms']:.3f}  {r['bytes'] / 1e6:8.3f} MB  "
+                  f"max|diff| {r['max_abs_diff']:.3g}  {name}")
+        return 1 if args.strict and any(r["kernels"]["float"] for r in res.values()) else 0
     if args.compare_ort:
         if args.data is None or not args.data.is_file():
             print("--compare-ort needs --data FILE.npz (one array per model input)", file=sys.stderr)

@@ -247,6 +247,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return dest
 
 
+def model_file_bytes(model: onnx.ModelProto) -> int:
+    """Bytes :func:`save_model` writes for ``model`` below 2 GB (the serialized proto): the real
+    file size, known before the file exists (e.g. for a report written before the model)."""
+    return int(model.ByteSize())
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes a saved model takes on disk: the .onnx file plus its external data file, if any."""
+    p = Path(path)
+    size = p.stat().st_size
+    data = p.parent / (p.name + ".data")
+    return size + (data.stat().st_size if data.is_file() else 0)
+
+
+def size_line(path: str | os.PathLike, reference: str | os.PathLike) -> str:
+    """``file size: 3.145 MB (FP32 12.6 MB: 24.9 %)``, from the files on disk (MB = 10^6 bytes)."""
+    q, f = file_size(path), file_size(reference)
+    return f"file size: {q / 1e6:.3f} MB (FP32 {f / 1e6:.3f} MB: {100.0 * q / f:.1f} %)"
+
+
 def model_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 

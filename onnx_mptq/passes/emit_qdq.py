@@ -145,6 +145,7 @@ import itertools
 import json
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -159,6 +160,9 @@ from ..plan import (ActQuant, Emission, LayerPlan, QuantPlan, RangeForm, Scheme,
                     WeightContainer, WeightQuant, rederive_steps)
 from ..records import Record
 from .naming import UniqueNames
+
+if TYPE_CHECKING:
+    from .pack_int4 import PackResult
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +556,8 @@ class EmitResult:
     model: onnx.ModelProto
     report: EmitReport
     rederived: tuple[str, ...] = ()
+    # how the weight codes were stored when the pipeline packed them (passes/pack_int4.py)
+    storage: "PackResult | None" = None
 
 
 def _already_emitted(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult | None:
