@@ -29,7 +29,7 @@ import typing
 from typing import Any
 
 from .errors import ConfigError, quote
-from .plan import Emission, RangeForm, SymmetricContainer, TwinForm, WeightContainer, WeightStorage
+from .plan import Emission
 
 
 class Providers(str, enum.Enum):
@@ -206,25 +206,18 @@ class OptmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EmissionConfig:
-    """How the chosen quantizers are written into the QDQ model (passes/emit_qdq.py)."""
-
-    weight_container: WeightContainer = WeightContainer.AUTO
-    # file storage of the weight codes (passes/pack_int4.py): auto = int4 (two codes a byte) for
-    # weights of <= 4 bits where the model is at opset >= 21, else int8; int4 = also convert an older
-    # model to opset 21 (a stated, recorded choice); int8 = never pack
-    weight_storage: WeightStorage = WeightStorage.AUTO
-    # the QDQ forms (plan.Emission documents each); the defaults are what ORT fuses best
-    symmetric_container: SymmetricContainer = SymmetricContainer.UINT8
-    range_form: RangeForm = RangeForm.INTEGER
-    twin_form: TwinForm = TwinForm.AUTO
+class EmissionConfig(Emission):
+    """How the chosen quantizers are written into the QDQ model: the fields of the plan's
+    :class:`~onnx_mptq.plan.Emission` record (which documents each; the defaults are what ORT
+    fuses best), requested here and recorded there by the scale search. ``weight_storage``:
+    auto = int4 (two codes a byte) for weights of <= 4 bits where the model is at opset >= 21,
+    else int8; int4 = also convert an older model to opset 21 (stated and recorded); int8 = never
+    pack (passes/pack_int4.py)."""
 
     def __post_init__(self) -> None:
-        _enum(self, "weight_container", WeightContainer, "quant.emission.weight_container")
-        _enum(self, "weight_storage", WeightStorage, "quant.emission.weight_storage")
-        _enum(self, "symmetric_container", SymmetricContainer, "quant.emission.symmetric_container")
-        _enum(self, "range_form", RangeForm, "quant.emission.range_form")
-        _enum(self, "twin_form", TwinForm, "quant.emission.twin_form")
+        hints = typing.get_type_hints(Emission)
+        for f in dataclasses.fields(self):
+            _enum(self, f.name, hints[f.name], f"quant.emission.{f.name}")
 
     def record(self) -> Emission:
         """The plan's record of these choices (what emission reads)."""
