@@ -18,7 +18,7 @@ Latency: the median of several timed runs (after a warm-up) of the evaluated mod
 batch 1 and at ``latency_batch_size``, on real samples from the data (repeated where the data
 has fewer). A model with a fixed batch dim is timed only at that size (the other field is None).
 
-``compare_outputs`` / ``max_abs_diff`` run two models on the same inputs and report how far their
+``compare_outputs`` runs two models on the same inputs and reports how far their
 outputs differ: the numerical-invariance check of every equivalence-preserving graph pass.
 """
 
@@ -252,14 +252,3 @@ def compare_outputs(
     max_abs = max(per.values())
     rel = max_abs / max_a if max_a > 0 else (0.0 if max_abs == 0 else math.inf)
     return OutputDiff(max_abs=max_abs, rel_max_abs=rel, per_output=per)
-
-
-def max_abs_diff(
-    model_a: ModelLike,
-    model_b: ModelLike,
-    batches: Iterable[Mapping[str, np.ndarray] | Batch],
-    runtime: RuntimeConfig,
-    optimize: bool = True,
-) -> float:
-    """max |a - b| over all outputs and batches (see :func:`compare_outputs`)."""
-    return compare_outputs(model_a, model_b, batches, runtime, optimize=optimize).max_abs
