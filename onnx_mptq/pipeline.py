@@ -137,7 +137,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     splan = None
     sreport = None
     work = prepared
-    if config.smooth.enabled:
+    if config.smooth.enabled and any(ln.consumers for ln in analysis0.layernorms):  # else nothing to smooth (noted)
         t = time.perf_counter()
         sres = smooth(source, data, config, analysis=analysis0, prepared=prepared)
         work, splan, sreport = sres.model, sres.plan, sres.report

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Model coverage matrix (issue 17): about twenty ViT-family architectures, random weights.
+
+    nice -n 10 env ONNX_MPTQ_NO_PROGRESS=1 python tools/bench_coverage.py --markdown > coverage.md
+    python tools/bench_coverage.py --only deit_tiny,cait_xxs24 --analysis-only
+
+For every architecture (the smallest variant of each family; timm names unless marked ``hf:`` for
+Hugging Face ``transformers`` models built from their config classes, or ``tv:`` for
+torchvision), with random weights (seeded):
+
+1. export to ONNX (``onnx_mptq.export.export_model``: TorchScript exporter, opset 17, checked
+   against torch in ONNX Runtime), cached in ``--work``;
+2. ``onnx_mptq.graph.analysis.analyze``: units found by role, the analysis notes (what is left in
+   float and why);
+3. ``onnx_mptq.pipeline.quantize`` with the default config at W8A8 and at W4A4, calibrated on
+   the first ``--calib`` (32) photos of ``/work/shared/data/imagenet-sample-calib-250`` (sorted
+   file names) and evaluated on the next ``--eval`` (32) against the FP32 model: SQNR of the
+   logits in dB, ``10 log10(sum y^2 / sum (y - y_q)^2)`` over all logits; the time is the wall
+   time of the quantization (analysis, SQ-b, capture, search, emission, validation).
+
+Photos are preprocessed at the model's input size: shorter side to size / 0.875 (bicubic),
+center crop, ImageNet mean/std. Random-weight models have no meaningful labels, so only
+fidelity to FP32 is measured. A row that fails prints its error (one line) and the script exits
+1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PHOTOS = Path(os.environ.get("ONNX_MPTQ_SHARED", ROOT.parent / "shared")) / "data" / "imagenet-sample-calib-250"
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    key: str  # row label
+    source: str  # "timm" | "hf" | "tv"
+    name: str  # timm / torchvision name or HF config kind
+    img: int = 224
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    pass_img_size: bool = False  # timm: give img_size to create_model (models whose default differs)
+
+
+ARCHS = (
+    Arch("vit_tiny", "timm", "vit_tiny_patch16_224"),
+    Arch("deit_tiny", "timm", "deit_tiny_patch16_224"),
+    Arch("deit_tiny_distilled", "timm", "deit_tiny_distilled_patch16_224"),
+    Arch("deit3_small", "timm", "deit3_small_patch16_224"),
+    Arch("swin_tiny", "timm", "swin_tiny_patch4_window7_224"),
+    Arch("swinv2_tiny", "timm", "swinv2_tiny_window8_256", img=256),
+    Arch("beit_base", "timm", "beit_base_patch16_224"),
+    Arch("eva02_tiny", "timm", "eva02_tiny_patch14_224"),
+    Arch("cait_xxs24", "timm", "cait_xxs24_224"),
+    Arch("xcit_nano", "timm", "xcit_nano_12_p16_224"),
+    Arch("pvt_v2_b0", "timm", "pvt_v2_b0"),
+    Arch("levit_128s", "timm", "levit_128s"),
+    Arch("tiny_vit_5m", "timm", "tiny_vit_5m_224"),
+    Arch("dinov2_small", "timm", "vit_small_patch14_dinov2", pass_img_size=True),
+    Arch("vit_hybrid_tiny_r", "timm", "vit_tiny_r_s16_p8_224"),
+    Arch("mobilevit_xxs", "timm", "mobilevit_xxs", img=256),
+    Arch("hf_vit", "hf", "vit"),
+    Arch("hf_deit", "hf", "deit"),
+    Arch("hf_swin", "hf", "swin"),
+    Arch("hf_dinov2", "hf", "dinov2"),
+    Arch("tv_vit_b_16", "tv", "vit_b_16"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def _hf_model(kind: str) -> Any:
+    """A randomly initialised transformers image classifier (smallest documented sizes, 10
+    classes... no: 1000 labels like the timm rows), built from its config class (no hub)."""
+    import transformers as tr
+
+    small = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                 image_size=224, patch_size=16, num_labels=1000)
+    if kind == "vit":
+        return tr.ViTForImageClassification(tr.ViTConfig(**small))
+    if kind == "deit":
+        return tr.DeiTForImageClassification(tr.DeiTConfig(**small))
+    if kind == "dinov2":
+        cfg = tr.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=224,
+                              patch_size=14, num_labels=1000)
+        return tr.Dinov2ForImageClassification(cfg)
+    if kind == "swin":
+        return tr.SwinForImageClassification(tr.SwinConfig(image_size=224, num_labels=1000))
+    raise ValueError(kind)
+
+
+class _LogitsOnly:
+    """Wrap an HF model so it returns the logits tensor (torch.onnx needs tensors out)."""
+
+    def __new__(cls, model: Any) -> Any:
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, m: Any) -> None:
+                super().__init__()
+                self.m = m
+
+            def forward(self, x: Any) -> Any:
+                return self.m(pixel_values=x).logits
+
+        return Wrapped(model)
+
+
+def export_arch(arch: Arch, out: Path) -> str:
+    """Export ``arch`` to ``out`` (random weights, seed 0); returns a note on the export."""
+    from onnx_mptq.export import export_model, export_timm
+
+    if arch.source == "timm":
+        res = export_timm(arch.name, out, img_size=arch.img if arch.pass_img_size else None,
+                          model_kwargs=dict(arch.kwargs), check_samples=1, tol=1e-2)
+        return f"timm, max |ORT - torch| {res.max_abs_diff:.2g}"
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch.source == "hf":
+            model = _LogitsOnly(_hf_model(arch.name))
+        else:
+            import torchvision
+
+            model = getattr(torchvision.models, arch.name)(weights=None)
+    res = export_model(model.eval(), out, name=arch.key, input_shape=(3, arch.img, arch.img), check_samples=1, tol=1e-2)
+    return f"{arch.source}, max |ORT - torch| {res.max_abs_diff:.2g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def photo_arrays(size: int, n: int, start: int = 0) -> np.ndarray:
+    from PIL import Image
+
+    from onnx_mptq.data import PreprocessSpec, preprocess_image
+
+    spec = PreprocessSpec(size=size, mean=MEAN, std=STD, interpolation="bicubic", crop_pct=0.875)
+    files = sorted((PHOTOS / "images").iterdir())[start:start + n]
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(preprocess_image(im, spec))
+    return np.stack(out)  # (n, 3, size, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# one row
+
+
+def analysis_summary(model_path: Path) -> dict[str, Any]:
+    import onnx
+
+    from onnx_mptq.graph.analysis import analyze
+
+    a = analyze(onnx.load(str(model_path)))
+    roles = Counter(u.role.value for u in a.units)
+    left = Counter(_note_kind(n) for n in a.notes if "left in float" in n or "declined" in n)
+    return {"roles": dict(sorted(roles.items())), "units": len(a.units), "float": dict(left),
+            "notes": list(a.notes), "layernorms": len(a.layernorms),
+            "foldable": sum(1 for ln in a.layernorms if ln.foldable)}
+
+
+def _note_kind(note: str) -> str:
+    """The reason part of a note ("conv X: reason; left in float" -> "conv: reason")."""
+    head, _, rest = note.partition(": ")
+    kind = head.split(" ", 1)[0]
+    return f"{kind}: {rest.split('; left in float')[0]}"
+
+
+def quantize_row(model_path: Path, calib: dict, evald: dict, bits: int) -> dict[str, Any]:
+    import onnx
+
+    from onnx_mptq.config import Config, QuantConfig
+    from onnx_mptq.pipeline import quantize
+
+    t = time.perf_counter()
+    cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits))
+    res = quantize(onnx.load(str(model_path)), calib, cfg, eval_data=evald)
+    sec = time.perf_counter() - t
+    quantized = len(res.plan.layers)
+    return {"sqnr_db": res.validation.sqnr_db, "seconds": sec, "quantized": quantized,
+            "smoothed": res.smooth_report is not None if hasattr(res, "smooth_report") else None}
+
+
+def run(arch: Arch, work: Path, n_calib: int, n_eval: int, analysis_only: bool, data_cache: dict) -> dict[str, Any]:
+    row: dict[str, Any] = {"key": arch.key, "name": f"{arch.source}:{arch.name}"}
+    path = work / f"{arch.key}.onnx"
+    t0 = time.perf_counter()
+    try:
+        if not path.exists():
+            row["export"] = export_arch(arch, path)
+        row["export_s"] = time.perf_counter() - t0
+        row.update(analysis_summary(path))
+        if not analysis_only:
+            if arch.img not in data_cache:
+                data_cache[arch.img] = (photo_arrays(arch.img, n_calib, 0), photo_arrays(arch.img, n_eval, n_calib))
+            calib, evald = data_cache[arch.img]
+            for bits in (8, 4):
+                r = quantize_row(path, {"input": calib}, {"input": evald}, bits)
+                row[f"w{bits}a{bits}"] = r
+    except Exception as e:  # a row's failure is reported, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logging.getLogger("bench_coverage").debug("%s", traceback.format_exc())
+    row["total_s"] = time.perf_counter() - t0
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | units by role | left in float (reason: count) | W8A8 SQNR dB | W4A4 SQNR dB | time W8A8 / W4A4 s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r and "roles" not in r:
+            lines.append(f"| {r['name']} | error: {r['error']} | | | | |")
+            continue
+        roles = ", ".join(f"{k} {v}" for k, v in r["roles"].items())
+        fl = "; ".join(f"{k}: {v}" for k, v in r["float"].items()) or "none"
+        if r["layernorms"] and not r["foldable"]:
+            fl += "; no foldable LayerNorm"
+        def s(b: int) -> str:
+            q = r.get(f"w{b}a{b}")
+            return "-" if q is None else f"{q['sqnr_db']:.1f}"
+        def t(b: int) -> str:
+            q = r.get(f"w{b}a{b}")
+            return "-" if q is None else f"{q['seconds']:.0f}"
+        err = f" error: {r['error']}" if "error" in r else ""
+        lines.append(f"| {r['name']} | {roles} ({r['units']}) | {fl}{err} | {s(8)} | {s(4)} | {t(8)} / {t(4)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/onnx-mptq-coverage"), help="exported models (cached)")
+    p.add_argument("--only", default=None, help="comma-separated row keys")
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--analysis-only", action="store_true")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="append one JSON line per row here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    args.work.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(",")) if args.only else None
+    archs = [a for a in ARCHS if only is None or a.key in only]
+    rows = []
+    cache: dict = {}
+    for arch in archs:
+        row = run(arch, args.work, args.calib, args.eval, args.analysis_only, cache)
+        rows.append(row)
+        line = json.dumps(row, default=str)
+        print(line, flush=True) if not args.markdown else print(f"<!-- {line} -->", flush=True)
+        if args.json is not None:
+            with args.json.open("a") as f:
+                f.write(line + "\n")
+    if args.markdown:
+        print(markdown(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
