@@ -805,6 +805,7 @@ def _find_linears(view: GraphView) -> dict[int, _Lin]:
 
 
 _MAX_HEADS = 64
+_FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
 
 
 def _find_attention(ctx: _Ctx) -> None:
@@ -818,15 +819,22 @@ def _find_attention(ctx: _Ctx) -> None:
     dyn_ids = {id(n) for n in dyn}
     softmax = {id(n) for n in view.nodes if n.op == "Softmax"}
 
-    def scores_or_probs(node: gs.Node, t: gs.Tensor) -> gs.Node | None:
-        return node if id(node) in softmax or id(node) in dyn_ids else None
+    def from_scores(t: gs.Tensor) -> bool:
+        node = view.producer(t)
+        return node is not None and (id(node) in softmax or id(node) in dyn_ids)
+
+    def to_scores(t: gs.Tensor) -> bool:  # through Transposes only, into a Softmax or operand 0 of a matmul
+        for node in view.consumers(t):
+            if node.op == "Transpose" and to_scores(node.outputs[0]):
+                return True
+            if id(node) in softmax or (id(node) in dyn_ids and node.inputs[0] is t):
+                return True
+        return False
 
     for nid, lin in ctx.lins.items():
         k, n = lin.wmat.shape
-        if (k == n <= _MAX_HEADS and _backward_source(view, lin.x, scores_or_probs, limit=4) is not None
-                and any(id(c) in softmax or (id(c) in dyn_ids and i == 0)
-                        for c, i in _forward_reach(view, lin.output, softmax | dyn_ids, limit=8))):
-            ctx.talking.add(nid)
+        if k == n <= _MAX_HEADS and _walk_up(view, lin.x, {"Transpose", "Mul", "Div", "Add"}, from_scores, limit=4) and to_scores(lin.output):
+            ctx.talking.add(nid)  # a mixer over the heads axis: permuted in, permuted back out
     for n in dyn:
         if _backward_source(view, n.inputs[0], lambda node, t: node if id(node) in softmax else None, limit=8,
                             through=ctx.talking) is not None:
@@ -838,7 +846,13 @@ def _find_attention(ctx: _Ctx) -> None:
         if id(n) not in ctx.attn_av and id(n) not in ctx.attn_qk:
             ctx.notes.append(f"matmul {n.name}: both operands dynamic but neither reaches nor reads a Softmax "
                              f"(not a softmax attention); left in float")
+    fused = [n for n in view.nodes if n.op in _FUSED_ATTENTION_OPS]
+    for n in fused:
+        ctx.notes.append(f"attention {n.name}: fused {n.op} op (its two matmuls run inside one kernel, no operand "
+                         f"to quantize); left in float")
     missing = []
+    if fused and ctx.lins:
+        return
     if not ctx.attn_qk:
         missing.append("no Q @ K^T matmul feeding a Softmax")
     if not ctx.attn_av:
