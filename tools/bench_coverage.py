@@ -60,19 +60,18 @@ class Arch:
     pass_img_size: bool = False  # timm: give img_size to create_model (models whose default differs)
 
 
-ARCHS = (
+ARCHS = (  # the issue's rows first, the largest (86M parameters) last
+    Arch("levit_128s", "timm", "levit_128s"),
+    Arch("cait_xxs24", "timm", "cait_xxs24_224"),
+    Arch("xcit_nano", "timm", "xcit_nano_12_p16_224"),
+    Arch("eva02_tiny", "timm", "eva02_tiny_patch14_224"),
+    Arch("pvt_v2_b0", "timm", "pvt_v2_b0"),
+    Arch("deit3_small", "timm", "deit3_small_patch16_224"),
     Arch("vit_tiny", "timm", "vit_tiny_patch16_224"),
     Arch("deit_tiny", "timm", "deit_tiny_patch16_224"),
     Arch("deit_tiny_distilled", "timm", "deit_tiny_distilled_patch16_224"),
-    Arch("deit3_small", "timm", "deit3_small_patch16_224"),
     Arch("swin_tiny", "timm", "swin_tiny_patch4_window7_224"),
     Arch("swinv2_tiny", "timm", "swinv2_tiny_window8_256", img=256),
-    Arch("beit_base", "timm", "beit_base_patch16_224"),
-    Arch("eva02_tiny", "timm", "eva02_tiny_patch14_224"),
-    Arch("cait_xxs24", "timm", "cait_xxs24_224"),
-    Arch("xcit_nano", "timm", "xcit_nano_12_p16_224"),
-    Arch("pvt_v2_b0", "timm", "pvt_v2_b0"),
-    Arch("levit_128s", "timm", "levit_128s"),
     Arch("tiny_vit_5m", "timm", "tiny_vit_5m_224"),
     Arch("dinov2_small", "timm", "vit_small_patch14_dinov2", pass_img_size=True),
     Arch("vit_hybrid_tiny_r", "timm", "vit_tiny_r_s16_p8_224"),
@@ -81,6 +80,7 @@ ARCHS = (
     Arch("hf_deit", "hf", "deit"),
     Arch("hf_swin", "hf", "swin"),
     Arch("hf_dinov2", "hf", "dinov2"),
+    Arch("beit_base", "timm", "beit_base_patch16_224"),
     Arch("tv_vit_b_16", "tv", "vit_b_16"),
 )
 
@@ -90,8 +90,9 @@ ARCHS = (
 
 
 def _hf_model(kind: str) -> Any:
-    """A randomly initialised transformers image classifier (smallest documented sizes, 10
-    classes... no: 1000 labels like the timm rows), built from its config class (no hub)."""
+    """A randomly initialised transformers image classifier built from its config class (no
+    hub access): ViT / DeiT at the tiny size (width 192, 12 blocks, 3 heads), DINOv2 at the small
+    size (384, 6 heads, patch 14), Swin at the config's default (tiny); 1000 labels."""
     import transformers as tr
 
     small = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
@@ -199,10 +200,8 @@ def quantize_row(model_path: Path, calib: dict, evald: dict, bits: int) -> dict[
     t = time.perf_counter()
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits))
     res = quantize(onnx.load(str(model_path)), calib, cfg, eval_data=evald)
-    sec = time.perf_counter() - t
-    quantized = len(res.plan.layers)
-    return {"sqnr_db": res.validation.sqnr_db, "seconds": sec, "quantized": quantized,
-            "smoothed": res.smooth_report is not None if hasattr(res, "smooth_report") else None}
+    return {"sqnr_db": res.validation.sqnr_db, "seconds": time.perf_counter() - t, "quantized": len(res.plan.layers),
+            "smoothed": res.plan.smoothing is not None, "cosine": res.validation.cosine}
 
 
 def run(arch: Arch, work: Path, n_calib: int, n_eval: int, analysis_only: bool, data_cache: dict) -> dict[str, Any]:
@@ -229,25 +228,34 @@ def run(arch: Arch, work: Path, n_calib: int, n_eval: int, analysis_only: bool, 
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | units by role | left in float (reason: count) | W8A8 SQNR dB | W4A4 SQNR dB | time W8A8 / W4A4 s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | units by role | quantized | left in float (reason: count) | W8A8 SQNR dB | W4A4 SQNR dB | time W8A8 / W4A4 s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "error" in r and "roles" not in r:
-            lines.append(f"| {r['name']} | error: {r['error']} | | | | |")
+        if "roles" not in r:
+            lines.append(f"| {r['name']} | error: {r.get('error')} | | | | | |")
             continue
         roles = ", ".join(f"{k} {v}" for k, v in r["roles"].items())
         fl = "; ".join(f"{k}: {v}" for k, v in r["float"].items()) or "none"
-        if r["layernorms"] and not r["foldable"]:
-            fl += "; no foldable LayerNorm"
-        def s(b: int) -> str:
-            q = r.get(f"w{b}a{b}")
+        if "error" in r:
+            fl += f"; error: {r['error']}"
+        q8, q4 = r.get("w8a8"), r.get("w4a4")
+        quant = f"{q8['quantized']} of {r['units']}" if q8 else f"- of {r['units']}"
+        if q8 and not q8.get("smoothed"):
+            quant += " (no SQ-b)"
+
+        def s(q: dict | None) -> str:
             return "-" if q is None else f"{q['sqnr_db']:.1f}"
-        def t(b: int) -> str:
-            q = r.get(f"w{b}a{b}")
+
+        def t(q: dict | None) -> str:
             return "-" if q is None else f"{q['seconds']:.0f}"
-        err = f" error: {r['error']}" if "error" in r else ""
-        lines.append(f"| {r['name']} | {roles} ({r['units']}) | {fl}{err} | {s(8)} | {s(4)} | {t(8)} / {t(4)} |")
+        lines.append(f"| {r['name']} | {roles} | {quant} | {fl} | {s(q8)} | {s(q4)} | {t(q8)} / {t(q4)} |")
     return "\n".join(lines)
+
+
+def _worker(job: tuple) -> dict[str, Any]:
+    arch, work, n_calib, n_eval, analysis_only = job
+    logging.basicConfig(level=logging.WARNING)
+    return run(arch, work, n_calib, n_eval, analysis_only, {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,24 +264,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated row keys")
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--jobs", type=int, default=1, help="rows run in parallel (separate processes)")
     p.add_argument("--analysis-only", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per row here")
+    p.add_argument("--from-json", type=Path, default=None, help="only print the markdown table of these rows")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.from_json is not None:
+        rows = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+        order = {a.key: i for i, a in enumerate(ARCHS)}
+        print(markdown(sorted(rows, key=lambda r: order.get(r["key"], len(order)))))
+        return 1 if any("error" in r for r in rows) else 0
     args.work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
-    archs = [a for a in ARCHS if only is None or a.key in only]
+    jobs = [(a, args.work, args.calib, args.eval, args.analysis_only) for a in ARCHS if only is None or a.key in only]
     rows = []
-    cache: dict = {}
-    for arch in archs:
-        row = run(arch, args.work, args.calib, args.eval, args.analysis_only, cache)
+
+    def done(row: dict[str, Any]) -> None:
         rows.append(row)
         line = json.dumps(row, default=str)
-        print(line, flush=True) if not args.markdown else print(f"<!-- {line} -->", flush=True)
+        print(line if not args.markdown else f"<!-- {line} -->", flush=True)
         if args.json is not None:
             with args.json.open("a") as f:
                 f.write(line + "\n")
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            for row in ex.map(_worker, jobs):
+                done(row)
+    else:
+        cache: dict = {}
+        for arch, work, n_calib, n_eval, analysis_only in jobs:
+            done(run(arch, work, n_calib, n_eval, analysis_only, cache))
     if args.markdown:
         print(markdown(rows))
     return 1 if any("error" in r for r in rows) else 0
