@@ -291,17 +291,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.jobs > 1:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            for row in ex.map(_worker, jobs):
-                done(row)
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+            for fut in as_completed([ex.submit(_worker, j) for j in jobs]):  # submitted in row order
+                done(fut.result())
     else:
         cache: dict = {}
         for arch, work, n_calib, n_eval, analysis_only in jobs:
             done(run(arch, work, n_calib, n_eval, analysis_only, cache))
     if args.markdown:
-        print(markdown(rows))
+        order = {a.key: i for i, a in enumerate(ARCHS)}
+        print(markdown(sorted(rows, key=lambda r: order[r["key"]])))
     return 1 if any("error" in r for r in rows) else 0
 
 
