@@ -780,8 +780,8 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
     _patch_and_head_roles(ctx)
     _mlp_roles(ctx)
     ln_records, ln_of_unit = _layernorm_records(ctx, lns)
-    for nid, _ in ctx.unassigned():
-        ctx.roles[nid] = Role.REDUCTION if nid in ln_of_unit else Role.LINEAR
+    for nid, lin in ctx.unassigned():
+        ctx.roles[nid] = Role.REDUCTION if nid in ln_of_unit or _merges_patches(view, lin) else Role.LINEAR
     convs = _find_convs(ctx)
     _structure_notes(ctx, ln_records)
     return ModelAnalysis(
@@ -793,6 +793,14 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
         layernorms=tuple(ln_records),
         notes=tuple(ctx.notes),
     )
+
+
+def _merges_patches(view: GraphView, lin: _Lin) -> bool:
+    """Patch merging without a LayerNorm in front (Swin V2 normalises after it): a Linear halving
+    the channels of neighbourhoods regrouped by Reshape / Concat (4C -> 2C)."""
+    k, n = lin.wmat.shape
+    src = view.producer(lin.x)
+    return k == 2 * n and src is not None and src.op in ("Reshape", "Flatten", "Concat")
 
 
 def _find_linears(view: GraphView) -> dict[int, _Lin]:
@@ -964,12 +972,10 @@ def _mlp_roles(ctx: _Ctx) -> None:
 
 def _gate_roles(ctx: _Ctx, product: gs.Tensor, free_linear) -> None:
     view = ctx.view
-    mul = view.producer(product)
-    silu_t = next(i for i in mul.inputs if ctx.acts.get(i.name) is Activation.SILU)
-    value_t = mul.inputs[1] if mul.inputs[0] is silu_t else mul.inputs[0]
-    silu_mul = view.producer(silu_t)
-    sig = next((i for i in silu_mul.inputs if view.producer(i) is not None and view.producer(i).op == "Sigmoid"), None)
-    gate_t = silu_mul.inputs[1] if silu_mul.inputs[0] is sig else silu_mul.inputs[0]
+    mul = view.producer(product)  # silu(g) * x, both operands produced by nodes (see _gated_product)
+    s = 0 if ctx.acts.get(mul.inputs[0].name) is Activation.SILU else 1
+    silu_mul, value_t = mul.i(s), mul.inputs[1 - s]  # silu(g) = g * sigmoid(g)
+    gate_t = silu_mul.inputs[1] if silu_mul.inputs[0].inputs and silu_mul.i(0).op == "Sigmoid" else silu_mul.inputs[0]
     g = _backward_source(view, gate_t, free_linear, limit=12)
     x = _backward_source(view, value_t, free_linear, limit=12)
     if g is not None and g is x:
