@@ -428,32 +428,13 @@ def _torch_export(torch: Any, model: Any, example: np.ndarray, path: Path, *, op
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            common = dict(input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset, dynamo=dynamo)
             if dynamo:
                 batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(path),
-                    input_names=[INPUT_NAME],
-                    output_names=list(output_names),
-                    opset_version=opset,
-                    dynamo=True,
-                    dynamic_shapes=({0: batch},),
-                    verbose=False,
-                )
+                torch.onnx.export(model, (x,), str(path), dynamic_shapes=({0: batch},), verbose=False, **common)
             else:
                 axes = {n: {0: BATCH_AXIS} for n in (INPUT_NAME, *output_names)}
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(path),
-                    input_names=[INPUT_NAME],
-                    output_names=list(output_names),
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
+                torch.onnx.export(model, (x,), str(path), dynamic_axes=axes, do_constant_folding=True, **common)
         except Exception as e:
             raise ExportError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) failed: {_first_line(e, 300)}") from None
     for w in caught:

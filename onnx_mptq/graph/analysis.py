@@ -348,24 +348,25 @@ def _match_decomposed(view: GraphView, div: gs.Node) -> _LN | None:
     axis_last = last_only(axes1) and last_only(axes2)
     nodes = [mean1, sub, sq, mean2, add_eps, sqrt, div]
     out = div.outputs[0]
-    gamma = beta = None
-    gamma_node = beta_node = None
-    nxt = view.only_consumer(out)
-    if nxt is not None and nxt.op == "Mul":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if view.is_const(other):
-            gamma, gamma_node = other, nxt
-            nodes.append(nxt)
-            out = nxt.outputs[0]
-            nxt = view.only_consumer(out)
-    if nxt is not None and nxt.op == "Add":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if view.is_const(other):
-            beta, beta_node = other, nxt
-            nodes.append(nxt)
-            out = nxt.outputs[0]
+    gamma, gamma_node = _const_operand(view, out, "Mul")
+    if gamma_node is not None:
+        nodes.append(gamma_node)
+        out = gamma_node.outputs[0]
+    beta, beta_node = _const_operand(view, out, "Add")
+    if beta_node is not None:
+        nodes.append(beta_node)
+        out = beta_node.outputs[0]
     return _LN(mean1.name, "decomposed", x, out, nodes, gamma, beta, gamma_node, beta_node, axis_last,
                float(eps_val if eps_val is not None else 0.0))
+
+
+def _const_operand(view: GraphView, t: gs.Tensor, op: str) -> tuple[gs.Tensor | None, gs.Node | None]:
+    """(constant, node) when the only consumer of ``t`` is ``op`` with a constant other operand."""
+    nxt = view.only_consumer(t)
+    if nxt is None or nxt.op != op:
+        return None, None
+    other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
+    return (other, nxt) if view.is_const(other) else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +530,19 @@ def _linear_of(view: GraphView, node: gs.Node) -> _Lin | None:
     return None
 
 
+def _walk_tensors(start: gs.Tensor, limit: int | None = None):
+    """Breadth-first over tensors from ``start``: yields each tensor once with the queue, which
+    the caller extends with the tensors to visit next; stops after ``limit`` tensors."""
+    seen: set[str] = set()
+    queue: deque[gs.Tensor] = deque([start])
+    while queue and (limit is None or len(seen) < limit):
+        t = queue.popleft()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        yield t, queue
+
+
 def _passthrough_forward(view: GraphView, node: gs.Node, cur: gs.Tensor) -> bool:
     """Ops that move values without mixing them with other data (for role tracing)."""
     if node.op in _SHAPE_OPS or node.op in _SELECT_OPS:
@@ -545,13 +559,7 @@ def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit:
     """Nodes in ``stop_ids`` reached from ``start`` through pass-through ops (and the nodes in
     ``through``), with input index."""
     hits: list[tuple[gs.Node, int]] = []
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([start])
-    while queue and len(seen) < limit:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+    for t, queue in _walk_tensors(start, limit):
         for node in view.consumers(t):
             if id(node) in stop_ids:
                 for idx, i in enumerate(node.inputs):
@@ -572,13 +580,7 @@ def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32,
                      through: set[int] | frozenset = frozenset()):
     """Walk producers through pass-through ops (and through the first input of the nodes in
     ``through``) until ``accept(node)`` says yes."""
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([start])
-    while queue and len(seen) < limit:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+    for t, queue in _walk_tensors(start, limit):
         node = view.producer(t)
         if node is None:
             continue
@@ -642,13 +644,7 @@ def _ln_fanout(view: GraphView, ln_out: gs.Tensor, channels: int, linear_x: dict
     other: list[gs.Node] = []
     graph_out = False
     via_pad = False
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([ln_out])
-    while queue:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+    for t, queue in _walk_tensors(ln_out):
         if t.name in view.output_names:
             graph_out = True
         for node in view.consumers(t):
@@ -927,13 +923,7 @@ def _patch_and_head_roles(ctx: _Ctx) -> None:
 
 def _reaches_output(view: GraphView, t: gs.Tensor) -> bool:
     ok = _SHAPE_OPS | _SELECT_OPS | {"Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid", "ReduceMean"}
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([t])
-    while queue:
-        cur = queue.popleft()
-        if cur.name in seen:
-            continue
-        seen.add(cur.name)
+    for cur, queue in _walk_tensors(t):
         if cur.name in view.output_names:
             return True
         for node in view.consumers(cur):
