@@ -102,6 +102,7 @@ def tiny_vit(
     mlp_kind: str = "plain",
     layer_scale: bool = False,
     conv_stem: bool = False,
+    extra_tokens: int = 0,
 ) -> onnx.ModelProto:
     """A small ViT: patch Conv, cls token, pos embed, attention blocks, LN head on the cls token.
 
@@ -113,9 +114,10 @@ def tiny_vit(
     ``mlp_kind`` "plain" (``act``) | "swiglu" (fc1_g, fc1_x) | "glu" (one fc1 split in halves);
     ``ln`` "op" | "decomposed" | "none" (no LayerNorm at all, e.g. BatchNorm models);
     ``layer_scale``: per-channel Mul on proj/fc2 outputs; ``conv_stem``: a 3x3 stride-2 conv and a
-    ReLU in front of the patch conv (an inner conv fed by an activation)."""
+    ReLU in front of the patch conv (an inner conv fed by an activation); ``extra_tokens``: learned
+    tokens beside the class token (distillation / register tokens)."""
     b = _B(seed, name_nodes)
-    tokens = (img // patch) ** 2 + 1
+    tokens = (img // patch) ** 2 + 1 + extra_tokens
     hd = dim // heads
     if conv_stem:
         s0 = b.node("Conv", ["input", b.init("stem_w", b.w(8, 3, 3, 3)), b.init("stem_b", b.w(8, scale=0.1))],
@@ -127,10 +129,11 @@ def tiny_vit(
                kernel_shape=[k, k], strides=[k, k])
     x = b.node("Reshape", [x, b.const([0, dim, -1], np.int64)])
     x = b.node("Transpose", [x], perm=[0, 2, 1])  # (N, P, D)
-    cls = b.node("Expand", [b.init("cls", b.w(1, 1, dim)), b.node("Concat", [
-        b.node("Slice", [b.node("Shape", [x]), b.const([0], np.int64), b.const([1], np.int64)]),
-        b.const([1, dim], np.int64)], axis=0)])
-    x = b.node("Concat", [cls, x], axis=1)
+    batch = b.node("Slice", [b.node("Shape", [x]), b.const([0], np.int64), b.const([1], np.int64)])
+    cls = b.node("Expand", [b.init("cls", b.w(1, 1, dim)), b.node("Concat", [batch, b.const([1, dim], np.int64)], axis=0)])
+    extra = [b.node("Expand", [b.init("reg", b.w(1, extra_tokens, dim)),
+                               b.node("Concat", [batch, b.const([extra_tokens, dim], np.int64)], axis=0)])] if extra_tokens else []
+    x = b.node("Concat", [cls, *extra, x], axis=1)
     x = b.node("Add", [x, b.init("pos", b.w(1, tokens, dim))])
     norm = (lambda t: t) if ln == "none" else (lambda t: b.layernorm(t, dim, ln))
     scale = (lambda t: b.node("Mul", [t, b.const(0.1 + 0.05 * b.rng.random(dim))])) if layer_scale else (lambda t: t)

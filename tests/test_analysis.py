@@ -276,6 +276,13 @@ def test_layer_scale_is_noted_and_keeps_roles() -> None:
     assert "layer scale: 4 proj/fc2 outputs scaled per channel before the residual Add (float)" in a.notes
 
 
+def test_distillation_or_register_tokens_are_noted_and_keep_roles() -> None:
+    a = analyze(tiny_vit(extra_tokens=4))
+    assert roles(a) == PLAIN and all(ln.foldable for ln in a.layernorms)
+    assert any(n.startswith("tokens: 5 learned tokens joined to the patch tokens") for n in a.notes)
+    assert not [n for n in analyze(tiny_vit()).notes if n.startswith("tokens")]  # a class token alone is not noted
+
+
 def test_model_without_layernorm_quantizes_without_sqb() -> None:
     """No LayerNorm (BatchNorm models such as LeViT): the analysis says SQ-b has nothing to do,
     and quantize runs without it (it used to fail: no tensors requested for statistics)."""

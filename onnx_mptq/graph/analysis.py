@@ -1,18 +1,25 @@
 """Pure pattern matching of ViT-family graphs: quantizable units, LayerNorms, activations.
 
 Analysis never mutates the graph. It returns a :class:`ModelAnalysis` record that names, for an
-arbitrary ViT / DeiT / Swin-style ONNX graph:
+arbitrary ViT / DeiT / Swin-style ONNX graph and the family's variants (CaiT, XCiT, BEiT, EVA-02,
+PVT, LeViT, TinyViT, MobileViT, hybrids, Hugging Face and torchvision exports):
 
-* every quantizable unit: each Linear (``MatMul`` or ``Gemm`` whose weight is a constant, seen
-  through Identity / Transpose / Reshape of constants), the patch-embedding ``Conv``, and the two
-  attention matmuls (``Q @ K^T`` and ``P @ V``), with a role (qkv, q, k, v, proj, fc1, fc2, head,
-  patch_embed, reduction, attn_qk, attn_av, linear);
+* every quantizable unit: each Linear (``MatMul`` or ``Gemm`` whose weight is a constant, i.e.
+  computable from initializers: onnx-graphsurgeon's ``fold_constants`` runs on a copy), the
+  patch-embedding ``Conv`` and the dense convs behind it (conv stems, hybrids), and the two
+  attention matmuls (``Q @ K^T`` and ``P @ V``) of every softmax attention, with a role (qkv, q,
+  k, v, proj, fc1, fc2, fc1_g / fc1_x / fc1_glu of gated MLPs, talking_heads, head, patch_embed,
+  conv, reduction, attn_qk, attn_av, and linear where none fits);
 * the LayerNorm feeding a unit (the ``LayerNormalization`` op or its decomposed form
   ``ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add``), seen through channel-preserving
   data movement (Reshape keeping the last dimension, Transpose keeping the last axis, Slice /
   Gather / Pad / Concat on other axes);
-* the activation in front of a unit (GELU as the op, its erf form or tanh form, ReLU, Softmax);
-* for each LayerNorm, whether SQ-b can be folded into it exactly, and if not, why.
+* the activation in front of a unit (GELU as the op, its erf form or tanh form, ReLU, SiLU,
+  HardSwish, the gated product ``silu(g) * x``, Softmax);
+* for each LayerNorm, whether SQ-b can be folded into it exactly, and if not, why;
+* notes: what is declined and why (a run-time matmul that is not a softmax attention, a fused
+  Attention op, grouped convs, convs of constants), layer scales, class attention, a model with
+  no LayerNorm for SQ-b.
 
 Structure is recovered from the graph's data flow only, never from node names.
 """
@@ -1066,8 +1073,26 @@ def _structure_notes(ctx: _Ctx, ln_records: list[LayerNormInfo]) -> None:
                  and (src := view.producer(lin.x)) is not None and src.op in ("Gather", "Slice")]
     if one_query:
         ctx.notes.append(f"class attention: {len(one_query)} block(s) whose queries come from the class token only")
+    tokens = sum(_learned_tokens(view, n) for n in view.nodes if n.op == "Concat")
+    if tokens > 1:
+        ctx.notes.append(f"tokens: {tokens} learned tokens joined to the patch tokens (class and distillation / "
+                         f"register tokens; float, they enter through the first LayerNorm)")
     if not any(ln.consumers for ln in ln_records):
         ctx.notes.append("no LayerNorm feeds a Linear (e.g. BatchNorm models): SQ-b has nothing to smooth and is skipped")
+
+
+def _learned_tokens(view: GraphView, concat: gs.Node) -> int:
+    """Rows of learned (constant) tokens a Concat puts beside run-time tokens: each input that is
+    a constant ``(1, T, C)`` broadcast over the batch by an Expand."""
+    if len(view.non_const_inputs(concat)) < 2:
+        return 0
+    rows = 0
+    for t in concat.inputs:
+        src = view.producer(t)
+        v = view.const(src.inputs[0]) if src is not None and src.op == "Expand" else None
+        if v is not None and v.ndim == 3 and v.shape[0] == 1:
+            rows += int(v.shape[1])
+    return rows
 
 
 def _assemble_units(ctx: _Ctx, convs: dict[int, Role], ln_of_unit: dict[int, str]) -> list[Unit]:
