@@ -384,3 +384,22 @@ def test_fused_attention_op_is_declined_with_reason() -> None:
     assert "attention attention: fused Attention op (its two matmuls run inside one kernel, no operand to quantize); " \
            "left in float" in a.notes
     assert not a.by_role(Role.ATTN_QK, Role.ATTN_AV) and len(a.units) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_dynamo_export_of_fused_sdpa_is_attention(tmp_path) -> None:
+    """timm's fused scaled_dot_product_attention exported by torch's dynamo exporter (the scale
+    split over q and k^T) is found as attention, like the explicit form."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from onnx_mptq.export import build_tiny_timm
+
+    model = build_tiny_timm("vit")
+    assert any(getattr(m, "fused_attn", False) for m in model.modules())
+    path = tmp_path / "fused.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=18, dynamo=True, dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+    a = analyze(onnx.load(str(path)))
+    assert roles(a) == EXPECTED["vit"]
+    assert {u.activation for u in a.by_role(Role.ATTN_AV)} == {Activation.SOFTMAX}
