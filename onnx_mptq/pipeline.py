@@ -93,9 +93,14 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     data = _data(calib, prepared, config.calib.batch_size, config.calib.limit)
     check_shapes_fit(prepared, data)
     tensors = sorted({ln.output for ln in analysis.layernorms if ln.consumers})
-    stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=progress_enabled())
+    if tensors:
+        stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=progress_enabled())
+    else:  # no LayerNorm feeds a Linear (the analysis notes it): an empty plan, the model unchanged
+        from .calibrate.stats import CalibrationStats
+
+        stats = CalibrationStats(model_digest=graph_digest(prepared), samples=0, tensors=())
     samples = None
-    if config.smooth.alpha_search:
+    if config.smooth.alpha_search and tensors:
         samples = _layernorm_samples(prepared, analysis, data, config)
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model), samples=samples)
     smoothed, report = apply_smoothing(prepared, splan, analysis, stats=stats)

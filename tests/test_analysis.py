@@ -299,6 +299,11 @@ def test_model_without_layernorm_quantizes_without_sqb() -> None:
     assert res.plan.smoothing is None
     assert len(res.plan.layers) == len(a.units)
     assert res.validation.sqnr_db > 20.0
+    # the smooth stage alone (the `smooth` command) returns the model unchanged with an empty plan
+    from onnx_mptq.pipeline import smooth
+
+    sres = smooth(m, {"input": random_images(4, seed=4)}, Config())
+    assert sres.plan.norms == () and len(sres.model.graph.node) == len(m.graph.node)
 
 
 def test_inner_conv_is_a_unit_with_its_own_quantizer() -> None:
