@@ -110,7 +110,8 @@ def tiny_vit(
     "talking_heads" (a Linear over heads before and after the Softmax, CaiT) | "rel_bias" (a
     constant bias added to the scores, BEiT/Swin) | "rope" (rotary terms on q and k, EVA-02) |
     "xca" (cross-covariance: softmax over ``q^T k`` of L2-normalised channels, XCiT) | "sdpa"
-    (the scale split over q and k^T, as torch's dynamo exporter writes fused attention);
+    (the scale split over q and k^T and a NaN guard on the probabilities, as torch's dynamo
+    exporter writes fused attention);
     ``mlp_kind`` "plain" (``act``) | "swiglu" (fc1_g, fc1_x) | "glu" (one fc1 split in halves);
     ``ln`` "op" | "decomposed" | "none" (no LayerNorm at all, e.g. BatchNorm models);
     ``layer_scale``: per-channel Mul on proj/fc2 outputs; ``conv_stem``: a 3x3 stride-2 conv and a
@@ -208,6 +209,8 @@ def _attention(b: _B, q: str, k: str, v: str, kind: str, heads: int, tokens: int
     if kind == "talking_heads":
         s = over_heads(s)
     p = b.node("Softmax", [s], axis=-1)
+    if kind == "sdpa":  # the dynamo exporter's NaN guard: Where(IsNaN(p), 0, p)
+        p = b.node("Where", [b.node("IsNaN", [p]), b.const(0.0), p])
     if kind == "talking_heads":
         p = over_heads(p)
     return b.node("MatMul", [p, v])

@@ -8,8 +8,9 @@ For every architecture (the smallest variant of each family; timm names unless m
 Hugging Face ``transformers`` models built from their config classes, or ``tv:`` for
 torchvision), with random weights (seeded):
 
-1. export to ONNX (``onnx_mptq.export.export_model``: TorchScript exporter, opset 17, checked
-   against torch in ONNX Runtime), cached in ``--work``;
+1. export to ONNX (``onnx_mptq.export.export_model``: TorchScript exporter, opset 17, or the
+   dynamo exporter at opset 18 for the rows marked so; checked against torch in ONNX Runtime),
+   cached in ``--work``;
 2. ``onnx_mptq.graph.analysis.analyze``: units found by role, the analysis notes (what is left in
    float and why);
 3. ``onnx_mptq.pipeline.quantize`` with the default config at W8A8 and at W4A4, calibrated on
@@ -58,6 +59,7 @@ class Arch:
     img: int = 224
     kwargs: tuple[tuple[str, Any], ...] = ()
     pass_img_size: bool = False  # timm: give img_size to create_model (models whose default differs)
+    dynamo: bool = False  # torch's dynamo exporter (opset 18) instead of TorchScript (opset 17)
 
 
 ARCHS = (  # the rows first, the largest (86M parameters) last
@@ -82,6 +84,8 @@ ARCHS = (  # the issue's rows first, the largest (86M parameters) last
     Arch("hf_dinov2", "hf", "dinov2"),
     Arch("beit_base", "timm", "beit_base_patch16_224"),
     Arch("tv_vit_b_16", "tv", "vit_b_16"),
+    Arch("hf_vit_dynamo", "hf", "vit", dynamo=True),
+    Arch("hf_swin_dynamo", "hf", "swin", dynamo=True),
 )
 
 
@@ -145,8 +149,9 @@ def export_arch(arch: Arch, out: Path) -> str:
             import torchvision
 
             model = getattr(torchvision.models, arch.name)(weights=None)
-    res = export_model(model.eval(), out, name=arch.key, input_shape=(3, arch.img, arch.img), check_samples=1, tol=1e-2)
-    return f"{arch.source}, max |ORT - torch| {res.max_abs_diff:.2g}"
+    res = export_model(model.eval(), out, name=arch.key, input_shape=(3, arch.img, arch.img), check_samples=1, tol=1e-2,
+                       dynamo=arch.dynamo, opset=18 if arch.dynamo else 17)
+    return f"{arch.source} ({res.exporter}), max |ORT - torch| {res.max_abs_diff:.2g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ def quantize_row(model_path: Path, calib: dict, evald: dict, bits: int) -> dict[
 
 
 def run(arch: Arch, work: Path, n_calib: int, n_eval: int, analysis_only: bool, data_cache: dict) -> dict[str, Any]:
-    row: dict[str, Any] = {"key": arch.key, "name": f"{arch.source}:{arch.name}"}
+    row: dict[str, Any] = {"key": arch.key, "name": f"{arch.source}:{arch.name}" + (" (dynamo)" if arch.dynamo else "")}
     path = work / f"{arch.key}.onnx"
     t0 = time.perf_counter()
     try:

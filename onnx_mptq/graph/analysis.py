@@ -583,6 +583,11 @@ def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit:
     return hits
 
 
+# element-wise ops walked backwards; Where: masked_fill, and the NaN guard Where(IsNaN(p), 0, p) that
+# torch's dynamo exporter puts between the Softmax and P @ V of a fused attention
+_BACKWARD_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where"})
+
+
 def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32, extra_ops: set[str] | frozenset = frozenset(),
                      through: set[int] | frozenset = frozenset()):
     """Walk producers through pass-through ops (and through the first input of the nodes in
@@ -596,7 +601,7 @@ def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32,
             return hit
         if id(node) in through:
             queue.append(node.inputs[0])
-        elif node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in ("Mul", "Div", "Add", "Sub") or node.op in extra_ops:
+        elif node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in _BACKWARD_OPS or node.op in extra_ops:
             queue.extend(i for i in node.inputs if i.name and not view.is_const(i))
     return None
 
