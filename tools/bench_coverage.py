@@ -3,6 +3,7 @@
 
     nice -n 10 env ONNX_MPTQ_NO_PROGRESS=1 python tools/bench_coverage.py --markdown > coverage.md
     python tools/bench_coverage.py --only deit_tiny,cait_xxs24 --analysis-only
+    python tools/bench_coverage.py --ablate levit_128s     # where a row's W8A8 error comes from
 
 For every architecture (the smallest variant of each family; timm names unless marked ``hf:`` for
 Hugging Face ``transformers`` models built from their config classes, or ``tv:`` for
@@ -257,6 +258,35 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def role_ablation(arch: Arch, work: Path, n_calib: int, n_eval: int) -> list[str]:
+    """Where a row's W8A8 error comes from: one W8A8 plan, then the SQNR with each role's units
+    left in float (the rest quantized) and with only that role quantized (re-emitted from the
+    plan, no new search)."""
+    import dataclasses as dc
+
+    import onnx
+
+    from onnx_mptq.config import Config, QuantConfig, RuntimeConfig
+    from onnx_mptq.pipeline import emit_from_plan, quantize, validate_against
+
+    model = onnx.load(str(work / f"{arch.key}.onnx"))
+    calib = {"input": photo_arrays(arch.img, n_calib, 0)}
+    evald = {"input": photo_arrays(arch.img, n_eval, n_calib)}
+    res = quantize(model, calib, Config(quant=QuantConfig(w_bits=8, a_bits=8)), eval_data=evald)
+    out = [f"{arch.key} W8A8: {res.validation.sqnr_db:.2f} dB"]
+
+    def sqnr(layers: tuple, input_quant: Any) -> float:
+        q, _ = emit_from_plan(model, dc.replace(res.plan, layers=layers, input_quant=input_quant))
+        return validate_against(q, model, evald, RuntimeConfig()).sqnr_db
+
+    for role in sorted({lp.role for lp in res.plan.layers}):
+        rest = tuple(lp for lp in res.plan.layers if lp.role != role)
+        only = tuple(lp for lp in res.plan.layers if lp.role == role)
+        out.append(f"  {role} ({len(only)}): float -> {sqnr(rest, res.plan.input_quant if role != 'patch_embed' else None):.2f} dB,"
+                   f" only it quantized -> {sqnr(only, res.plan.input_quant if role == 'patch_embed' else None):.2f} dB")
+    return out
+
+
 def _worker(job: tuple) -> dict[str, Any]:
     arch, work, n_calib, n_eval, analysis_only = job
     logging.basicConfig(level=logging.WARNING)
@@ -274,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per row here")
     p.add_argument("--from-json", type=Path, default=None, help="only print the markdown table of these rows")
+    p.add_argument("--ablate", default=None, metavar="KEY", help="W8A8 SQNR with each role left in float (one row)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.ablate is not None:
+        arch = next(a for a in ARCHS if a.key == args.ablate)
+        print("\n".join(role_ablation(arch, args.work, args.calib, args.eval)))
+        return 0
     if args.from_json is not None:
         rows = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
         order = {a.key: i for i, a in enumerate(ARCHS)}
