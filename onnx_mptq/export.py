@@ -322,7 +322,14 @@ def _create(timm: Any, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise ExportError(f"timm has no pretrained weights for {name}: pass --checkpoint FILE")
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as e:  # a model without an img_size argument (e.g. PVT v2) takes any size
+            if "img_size" not in kwargs or "img_size" not in str(e):
+                raise
+            log.info("%s takes no img_size argument; exporting it at %s x %s", name, kwargs["img_size"], kwargs["img_size"])
+            rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+            return timm.create_model(name, pretrained=pretrained, **rest)
     except Exception as e:  # timm raises many types; network and hub errors more
         if pretrained and _is_network_error(e):
             log.debug("pretrained download of %s failed: %s", name, _first_line(e, 500))
@@ -394,10 +401,13 @@ def _load_checkpoint(torch: Any, model: Any, path: Path, name: str) -> None:
 
 
 def _input_shape(model: Any, img_size: int | None) -> tuple[int, int, int]:
+    """(C, H, W): C from the first convolution (the patch embedding, or a hybrid's stem), the size
+    from ``img_size``, the patch embedding, or the pretrained config."""
+    torch, _ = _import_torch_timm()
     pe = getattr(model, "patch_embed", None)
-    proj = getattr(pe, "proj", None)
     cfg_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-    chans = int(getattr(proj, "in_channels", cfg_size[0]))
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    chans = int(getattr(first_conv, "in_channels", cfg_size[0]))
     if img_size is not None:
         return chans, int(img_size), int(img_size)
     hw = getattr(pe, "img_size", None)
@@ -418,32 +428,13 @@ def _torch_export(torch: Any, model: Any, example: np.ndarray, path: Path, *, op
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            common = dict(input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset, dynamo=dynamo)
             if dynamo:
                 batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(path),
-                    input_names=[INPUT_NAME],
-                    output_names=list(output_names),
-                    opset_version=opset,
-                    dynamo=True,
-                    dynamic_shapes=({0: batch},),
-                    verbose=False,
-                )
+                torch.onnx.export(model, (x,), str(path), dynamic_shapes=({0: batch},), verbose=False, **common)
             else:
                 axes = {n: {0: BATCH_AXIS} for n in (INPUT_NAME, *output_names)}
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(path),
-                    input_names=[INPUT_NAME],
-                    output_names=list(output_names),
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
+                torch.onnx.export(model, (x,), str(path), dynamic_axes=axes, do_constant_folding=True, **common)
         except Exception as e:
             raise ExportError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) failed: {_first_line(e, 300)}") from None
     for w in caught:
@@ -476,10 +467,7 @@ def _unshare_initializers(model: onnx.ModelProto) -> int:
     new_inits: list[onnx.TensorProto] = []
     for node in g.node:
         if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in graph_outputs:
-            t = onnx.TensorProto()
-            t.CopyFrom(inits[node.input[0]])
-            t.name = node.output[0]
-            new_inits.append(t)
+            new_inits.append(_renamed_copy(inits[node.input[0]], node.output[0]))
             changed += 1
         else:
             kept_nodes.append(node)
@@ -504,14 +492,18 @@ def _unshare_initializers(model: onnx.ModelProto) -> int:
             new_name = f"{inp}__{k}"
             while new_name in taken:
                 new_name += "_"
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            copy.name = new_name
-            g.initializer.append(copy)
+            g.initializer.append(_renamed_copy(t, new_name))
             taken.add(new_name)
             node.input[i] = new_name
             changed += 1
     return changed
+
+
+def _renamed_copy(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(t)
+    copy.name = name
+    return copy
 
 
 def _check_against_torch(

@@ -140,9 +140,14 @@ def smooth(model: onnx.ModelProto, calib: Any, config: Config = Config(), *, ana
     data = _data(calib, prepared, config.calib.batch_size, config.calib.limit)
     check_shapes_fit(prepared, data)
     tensors = sorted({ln.output for ln in analysis.layernorms if ln.consumers})
-    stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=show)
+    if tensors:
+        stats = collect_channel_stats(prepared, tensors, data, config.runtime, progress=show)
+    else:  # no LayerNorm feeds a Linear (the analysis notes it): an empty plan, the model unchanged
+        from .calibrate.stats import CalibrationStats
+
+        stats = CalibrationStats(model_digest=graph_digest(prepared), samples=0, tensors=())
     samples = None
-    if config.smooth.alpha_search:
+    if config.smooth.alpha_search and tensors:
         samples = _layernorm_samples(prepared, analysis, data, config, show)
     splan = plan_smoothing(analysis, stats, prepared, config.smooth, source_digest=graph_digest(model), samples=samples)
     res = apply_smoothing(prepared, splan, analysis, stats=stats)
@@ -188,7 +193,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     splan = None
     sreport = None
     work = prepared
-    if config.smooth.enabled:
+    if config.smooth.enabled and any(ln.consumers for ln in analysis0.layernorms):  # else nothing to smooth (noted)
         t = time.perf_counter()
         sres = smooth(source, data, config, analysis=analysis0, prepared=prepared, progress=show)
         work, splan, sreport = sres.model, sres.plan, sres.report

@@ -98,22 +98,48 @@ def tiny_vit(
     seed: int = 0,
     name_nodes: bool = True,
     opset: int = 17,
+    attn: str = "plain",
+    mlp_kind: str = "plain",
+    layer_scale: bool = False,
+    conv_stem: bool = False,
+    extra_tokens: int = 0,
 ) -> onnx.ModelProto:
-    """A small ViT: patch Conv, cls token, pos embed, attention blocks, LN head on the cls token."""
+    """A small ViT: patch Conv, cls token, pos embed, attention blocks, LN head on the cls token.
+
+    Variants (the patterns of the ViT family, not whole models): ``attn`` "plain" |
+    "talking_heads" (a Linear over heads before and after the Softmax, CaiT) | "rel_bias" (a
+    constant bias added to the scores, BEiT/Swin) | "rope" (rotary terms on q and k, EVA-02) |
+    "xca" (cross-covariance: softmax over ``q^T k`` of L2-normalised channels, XCiT) | "sdpa"
+    (the scale split over q and k^T and a NaN guard on the probabilities, as torch's dynamo
+    exporter writes fused attention);
+    ``mlp_kind`` "plain" (``act``) | "swiglu" (fc1_g, fc1_x) | "glu" (one fc1 split in halves);
+    ``ln`` "op" | "decomposed" | "none" (no LayerNorm at all, e.g. BatchNorm models);
+    ``layer_scale``: per-channel Mul on proj/fc2 outputs; ``conv_stem``: a 3x3 stride-2 conv and a
+    ReLU in front of the patch conv (an inner conv fed by an activation); ``extra_tokens``: learned
+    tokens beside the class token (distillation / register tokens)."""
     b = _B(seed, name_nodes)
-    tokens = (img // patch) ** 2 + 1
+    tokens = (img // patch) ** 2 + 1 + extra_tokens
     hd = dim // heads
-    x = b.node("Conv", ["input", b.init("patch_w", b.w(dim, 3, patch, patch)), b.init("patch_b", b.w(dim, scale=0.1))],
-               kernel_shape=[patch, patch], strides=[patch, patch])
+    if conv_stem:
+        s0 = b.node("Conv", ["input", b.init("stem_w", b.w(8, 3, 3, 3)), b.init("stem_b", b.w(8, scale=0.1))],
+                    kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+        stem, cin, k = b.node("Relu", [s0]), 8, patch // 2
+    else:
+        stem, cin, k = "input", 3, patch
+    x = b.node("Conv", [stem, b.init("patch_w", b.w(dim, cin, k, k)), b.init("patch_b", b.w(dim, scale=0.1))],
+               kernel_shape=[k, k], strides=[k, k])
     x = b.node("Reshape", [x, b.const([0, dim, -1], np.int64)])
     x = b.node("Transpose", [x], perm=[0, 2, 1])  # (N, P, D)
-    cls = b.node("Expand", [b.init("cls", b.w(1, 1, dim)), b.node("Concat", [
-        b.node("Slice", [b.node("Shape", [x]), b.const([0], np.int64), b.const([1], np.int64)]),
-        b.const([1, dim], np.int64)], axis=0)])
-    x = b.node("Concat", [cls, x], axis=1)
+    batch = b.node("Slice", [b.node("Shape", [x]), b.const([0], np.int64), b.const([1], np.int64)])
+    cls = b.node("Expand", [b.init("cls", b.w(1, 1, dim)), b.node("Concat", [batch, b.const([1, dim], np.int64)], axis=0)])
+    extra = [b.node("Expand", [b.init("reg", b.w(1, extra_tokens, dim)),
+                               b.node("Concat", [batch, b.const([extra_tokens, dim], np.int64)], axis=0)])] if extra_tokens else []
+    x = b.node("Concat", [cls, *extra, x], axis=1)
     x = b.node("Add", [x, b.init("pos", b.w(1, tokens, dim))])
+    norm = (lambda t: t) if ln == "none" else (lambda t: b.layernorm(t, dim, ln))
+    scale = (lambda t: b.node("Mul", [t, b.const(0.1 + 0.05 * b.rng.random(dim))])) if layer_scale else (lambda t: t)
     for _ in range(blocks):
-        y = x if post_norm else b.layernorm(x, dim, ln)
+        y = x if post_norm else norm(x)
         qkv = b.linear(y, dim, 3 * dim, bias=qkv_bias)
         qkv = b.node("Reshape", [qkv, b.const([0, tokens, 3, heads, hd], np.int64)])
         qkv = b.node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
@@ -121,23 +147,19 @@ def tiny_vit(
         q = b.node("Squeeze", [q, b.const([0], np.int64)])
         k = b.node("Squeeze", [k, b.const([0], np.int64)])
         v = b.node("Squeeze", [v, b.const([0], np.int64)])
-        s = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])])
-        s = b.node("Mul", [s, b.const(hd ** -0.5)])
-        p = b.node("Softmax", [s], axis=-1)
-        o = b.node("MatMul", [p, v])
+        o = _attention(b, q, k, v, attn, heads, tokens, hd)  # (N, H, T, hd)
         o = b.node("Reshape", [b.node("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, tokens, dim], np.int64)])
-        o = b.linear(o, dim, dim)
+        o = scale(b.linear(o, dim, dim))
         x = b.node("Add", [x, o])
         if post_norm:
-            x = b.layernorm(x, dim, ln)
-        y = x if post_norm else b.layernorm(x, dim, ln)
-        h = b.act(b.linear(y, dim, mlp), act)
-        h = b.linear(h, mlp, dim)
+            x = norm(x)
+        y = x if post_norm else norm(x)
+        h = scale(b.linear(_mlp_hidden(b, y, dim, mlp, act, mlp_kind), mlp, dim))
         x = b.node("Add", [x, h])
         if post_norm:
-            x = b.layernorm(x, dim, ln)
+            x = norm(x)
     c = b.node("Gather", [x, b.const(0, np.int64)], axis=1)
-    c = b.layernorm(c, dim, ln)
+    c = norm(c)
     logits = b.linear(c, dim, classes, gemm=gemm_head)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="out" if name_nodes else ""))
     graph = helper.make_graph(
@@ -150,6 +172,64 @@ def tiny_vit(
     model.ir_version = 9 if opset >= 20 else 8
     onnx.checker.check_model(model)
     return model
+
+
+def _attention(b: _B, q: str, k: str, v: str, kind: str, heads: int, tokens: int, hd: int) -> str:
+    """Softmax attention of q, k, v (N, H, T, hd) in one of the variants of :func:`tiny_vit`."""
+    if kind == "xca":  # XCiT: channels attend to channels; q, k L2-normalised over tokens
+        qt, kt, vt = (b.node("Transpose", [t], perm=[0, 1, 3, 2]) for t in (q, k, v))  # (N, H, hd, T)
+        qn = b.node("Div", [qt, b.node("ReduceL2", [qt], axes=[-1], keepdims=1)])
+        kn = b.node("Div", [kt, b.node("ReduceL2", [kt], axes=[-1], keepdims=1)])
+        s = b.node("MatMul", [qn, b.node("Transpose", [kn], perm=[0, 1, 3, 2])])  # (N, H, hd, hd)
+        s = b.node("Mul", [s, b.init(b.t("temperature"), (1.0 + b.rng.random((heads, 1, 1))).astype(np.float32))])
+        o = b.node("MatMul", [b.node("Softmax", [s], axis=-1), vt])  # (N, H, hd, T)
+        return b.node("Transpose", [o], perm=[0, 1, 3, 2])
+    if kind == "rope":  # x * cos + rotate_half(x) * sin on q and k
+        cos = b.const(np.cos(b.rng.random((tokens, hd))))
+        sin = b.const(np.sin(b.rng.random((tokens, hd))))
+
+        def rope(t: str) -> str:
+            lo = b.node("Slice", [t, b.const([0], np.int64), b.const([hd // 2], np.int64), b.const([-1], np.int64)])
+            hi = b.node("Slice", [t, b.const([hd // 2], np.int64), b.const([hd], np.int64), b.const([-1], np.int64)])
+            rot = b.node("Concat", [b.node("Neg", [hi]), lo], axis=-1)
+            return b.node("Add", [b.node("Mul", [t, cos]), b.node("Mul", [rot, sin])])
+        q, k = rope(q), rope(k)
+    kt = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+    if kind == "sdpa":  # scale sqrt(s) on both operands
+        r = b.const(hd ** -0.25)
+        s = b.node("MatMul", [b.node("Mul", [q, r]), b.node("Mul", [kt, r])])
+    else:
+        s = b.node("Mul", [b.node("MatMul", [q, kt]), b.const(hd ** -0.5)])
+    if kind == "rel_bias":
+        s = b.node("Add", [s, b.const(b.w(1, heads, tokens, tokens, scale=0.5))])
+
+    def over_heads(t: str) -> str:  # a Linear mixing the H axis: (N, H, T, T) -> (N, T, T, H) -> Linear -> back
+        u = b.linear(b.node("Transpose", [t], perm=[0, 2, 3, 1]), heads, heads)
+        return b.node("Transpose", [u], perm=[0, 3, 1, 2])
+    if kind == "talking_heads":
+        s = over_heads(s)
+    p = b.node("Softmax", [s], axis=-1)
+    if kind == "sdpa":  # the dynamo exporter's NaN guard: Where(IsNaN(p), 0, p)
+        p = b.node("Where", [b.node("IsNaN", [p]), b.const(0.0), p])
+    if kind == "talking_heads":
+        p = over_heads(p)
+    return b.node("MatMul", [p, v])
+
+
+def _mlp_hidden(b: _B, y: str, dim: int, mlp: int, act: str, kind: str) -> str:
+    """The fc2 input of an MLP: act(fc1(y)), silu(fc1_g(y)) * fc1_x(y), or a fused gate split in halves."""
+    def silu(t: str) -> str:
+        return b.node("Mul", [t, b.node("Sigmoid", [t])])
+    if kind == "swiglu":
+        return b.node("Mul", [silu(b.linear(y, dim, mlp)), b.linear(y, dim, mlp)])
+    if kind == "glu":
+        g, x = b.node("Split", [b.linear(y, dim, 2 * mlp), b.const([mlp, mlp], np.int64)], n_out=2, axis=-1)
+        return b.node("Mul", [silu(g), x])
+    if act == "silu":
+        return silu(b.linear(y, dim, mlp))
+    if act == "hardswish":
+        return b.node("HardSwish", [b.linear(y, dim, mlp)])
+    return b.act(b.linear(y, dim, mlp), act)
 
 
 def mlp_only(seed: int = 0) -> onnx.ModelProto:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -210,3 +211,201 @@ def test_timm_exports(kind: str, variant: str, tiny_onnx) -> None:
         assert all(ln.form == "decomposed" for ln in a.layernorms)
     else:
         assert all(ln.form == "op" for ln in a.layernorms)
+
+
+# ---- the ViT family's variants as small graphs (issue 17) --------------------------------------
+
+PLAIN = {"patch_embed": 1, "qkv": 2, "attn_qk": 2, "attn_av": 2, "proj": 2, "fc1": 2, "fc2": 2, "head": 1}
+
+
+@pytest.mark.parametrize("attn", ["rel_bias", "rope", "xca", "sdpa", "talking_heads"])
+def test_attention_variants_are_attention(attn: str) -> None:
+    """Relative-position bias, RoPE, cross-covariance, the dynamo exporter's split scale and
+    talking heads: every block's two matmuls are attn_qk / attn_av, the projections keep their
+    roles, nothing is left in float."""
+    a = analyze(tiny_vit(attn=attn))
+    want = dict(PLAIN, **({"talking_heads": 4} if attn == "talking_heads" else {}))
+    assert roles(a) == want
+    assert not [n for n in a.notes if "left in float" in n]
+    qk, av = a.by_role(Role.ATTN_QK), a.by_role(Role.ATTN_AV)
+    assert [u.block for u in qk] == [u.block for u in av] == [0, 1]
+    # the probabilities reach P @ V directly except behind a talking-heads mixer (no OPT-m twin there)
+    assert {u.activation for u in av} == ({None} if attn == "talking_heads" else {Activation.SOFTMAX})
+    if attn == "talking_heads":
+        mixers = a.by_role(Role.TALKING_HEADS)
+        assert all((u.in_features, u.out_features) == (2, 2) for u in mixers)
+        assert {u.activation for u in mixers} == {None, Activation.SOFTMAX}  # one before, one after Softmax
+
+
+def test_attention_matmul_without_softmax_is_declined_with_reason() -> None:
+    m = tiny_vit()
+    a0 = analyze(m)
+    proj = a0.by_role(Role.PROJ)[0]
+    m.graph.node.append(helper.make_node("MatMul", [proj.output, proj.output], ["gram"], name="gram_mm"))
+    m.graph.node[-1].input[1] = "gram_t"
+    m.graph.node.insert(len(m.graph.node) - 1, helper.make_node("Transpose", [proj.output], ["gram_t"], name="gram_t",
+                                                                perm=[0, 2, 1]))
+    m.graph.output.append(helper.make_tensor_value_info("gram", TensorProto.FLOAT, None))
+    a = analyze(m)
+    assert roles(a) == PLAIN
+    assert any(n.startswith("matmul gram_mm: both operands dynamic but neither reaches nor reads a Softmax")
+               and n.endswith("left in float") for n in a.notes)
+
+
+@pytest.mark.parametrize("kind,want,act", [
+    ("swiglu", {"fc1_g": 2, "fc1_x": 2}, Activation.SWIGLU),
+    ("glu", {"fc1_glu": 2}, Activation.SWIGLU),
+    ("silu", {"fc1": 2}, Activation.SILU),
+    ("hardswish", {"fc1": 2}, Activation.HARDSWISH),
+])
+def test_mlp_variants(kind: str, want: dict, act: Activation) -> None:
+    """Gated MLPs get fc1_g / fc1_x (two Linears) or fc1_glu (one Linear split in halves); SiLU
+    and HardSwish MLPs are fc1 / fc2 with their activation named."""
+    m = tiny_vit(mlp_kind=kind) if kind in ("swiglu", "glu") else tiny_vit(act=kind)
+    a = analyze(m)
+    expect = {k: v for k, v in PLAIN.items() if k != "fc1"} | want
+    assert roles(a) == expect
+    assert {u.activation for u in a.by_role(Role.FC2)} == {act}
+    assert all(u.layernorm for u in a.by_role(Role.FC1, Role.FC1_G, Role.FC1_X, Role.FC1_GLU))
+    if kind == "glu":
+        assert all(u.out_features == 2 * 32 for u in a.by_role(Role.FC1_GLU))
+
+
+def test_layer_scale_is_noted_and_keeps_roles() -> None:
+    a = analyze(tiny_vit(layer_scale=True))
+    assert roles(a) == PLAIN
+    assert "layer scale: 4 proj/fc2 outputs scaled per channel before the residual Add (float)" in a.notes
+
+
+def test_distillation_or_register_tokens_are_noted_and_keep_roles() -> None:
+    a = analyze(tiny_vit(extra_tokens=4))
+    assert roles(a) == PLAIN and all(ln.foldable for ln in a.layernorms)
+    assert any(n.startswith("tokens: 5 learned tokens joined to the patch tokens") for n in a.notes)
+    assert not [n for n in analyze(tiny_vit()).notes if n.startswith("tokens")]  # a class token alone is not noted
+
+
+def test_model_without_layernorm_quantizes_without_sqb() -> None:
+    """No LayerNorm (BatchNorm models such as LeViT): the analysis says SQ-b has nothing to do,
+    and quantize runs without it (it used to fail: no tensors requested for statistics)."""
+    from graphs import random_images
+    from onnx_mptq.config import Config, QuantConfig, ScaleSearchConfig
+    from onnx_mptq.pipeline import quantize
+
+    m = tiny_vit(ln="none")
+    a = analyze(m)
+    assert roles(a) == PLAIN and not a.layernorms
+    assert any(n.startswith("no LayerNorm feeds a Linear") for n in a.notes)
+    res = quantize(m, {"input": random_images(16, seed=4)}, Config(quant=QuantConfig(w_bits=8, a_bits=8, search=ScaleSearchConfig(grid_size=10))),
+                   eval_data={"input": random_images(8, seed=5)})
+    assert res.plan.smoothing is None
+    assert len(res.plan.layers) == len(a.units)
+    assert res.validation.sqnr_db > 20.0
+    # the smooth stage alone (the `smooth` command) returns the model unchanged with an empty plan
+    from onnx_mptq.pipeline import smooth
+
+    sres = smooth(m, {"input": random_images(4, seed=4)}, Config())
+    assert sres.plan.norms == () and len(sres.model.graph.node) == len(m.graph.node)
+
+
+def test_inner_conv_is_a_unit_with_its_own_quantizer() -> None:
+    """A conv stem: the first conv reads the image (patch_embed, image quantizer), the second
+    reads an inner ReLU (conv: its own activation quantizer); both are emitted as QDQ."""
+    from graphs import random_images
+    from onnx_mptq.config import Config, QuantConfig, ScaleSearchConfig
+    from onnx_mptq.pipeline import quantize
+
+    m = tiny_vit(conv_stem=True)
+    a = analyze(m)
+    assert roles(a) == dict(PLAIN, conv=1)
+    conv = a.by_role(Role.CONV)[0]
+    assert conv.op_type == "Conv" and conv.activation is Activation.RELU and conv.inputs[0] != "input"
+    res = quantize(m, {"input": random_images(16, seed=4)}, Config(quant=QuantConfig(w_bits=8, a_bits=8, search=ScaleSearchConfig(grid_size=10))),
+                   eval_data={"input": random_images(8, seed=5)})
+    layer = next(lp for lp in res.plan.layers if lp.unit == conv.name)
+    assert layer.inputs[0].tensor == conv.inputs[0] and layer.a_bits == 8
+    qnodes = {n.input[0] for n in res.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert conv.inputs[0] in qnodes
+    assert res.validation.sqnr_db > 20.0
+
+
+def test_grouped_conv_and_constant_input_conv_are_declined_with_reason() -> None:
+    m = tiny_vit()
+    a0 = analyze(m)
+    fc1 = a0.by_role(Role.FC1)[0]
+    # a depthwise conv on the fc1 output (PVT v2's MLP) and a conv of a constant (XCiT's position encoding)
+    g = m.graph
+    g.initializer.extend([onnx.numpy_helper.from_array(np.ones((32, 1, 1, 1), np.float32), "dw_w"),
+                          onnx.numpy_helper.from_array(np.ones((1, 32, 2, 2), np.float32), "pe_x"),
+                          onnx.numpy_helper.from_array(np.ones((4, 32, 1, 1), np.float32), "pe_w")])
+    g.node.extend([
+        helper.make_node("Unsqueeze", [fc1.output, "ax"], ["fc1_4d"], name="to4d"),
+        helper.make_node("Conv", ["fc1_4d", "dw_w"], ["dw"], name="dwconv", group=32),
+        helper.make_node("Conv", ["pe_x", "pe_w"], ["pe"], name="pe_conv"),
+    ])
+    g.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "ax"))
+    g.output.extend([helper.make_tensor_value_info("dw", TensorProto.FLOAT, None),
+                     helper.make_tensor_value_info("pe", TensorProto.FLOAT, None)])
+    a = analyze(m)
+    assert roles(a) == PLAIN
+    assert "conv dwconv: grouped convolution (group=32); left in float" in a.notes
+    assert any(n.startswith("conv pe_conv: its input is a constant") for n in a.notes)
+
+
+def test_weights_computed_from_constants_are_folded_on_a_copy() -> None:
+    """A weight computed from initializers (Mul of a constant: weight standardisation, a
+    transposed or scaled weight) counts as constant through graphsurgeon's constant folding, and
+    a Linear whose *input* is constant (Swin V2's position-bias MLP) is not a unit. The caller's
+    graph is not changed."""
+    m = tiny_vit()
+    a0 = analyze(m)
+    fc2 = a0.by_role(Role.FC2)[0]
+    node = next(n for n in m.graph.node if n.name == fc2.name)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    m.graph.node.insert(0, helper.make_node("Mul", [node.input[1], "half"], ["w_scaled"], name="scale_w"))
+    node.input[1] = "w_scaled"
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.ones((9, 2), np.float32), "table"),
+                                onnx.numpy_helper.from_array(np.ones((2, 4), np.float32), "cpb_w")])
+    m.graph.node.extend([helper.make_node("Abs", ["table"], ["table_abs"], name="cpb_abs"),
+                         helper.make_node("MatMul", ["table_abs", "cpb_w"], ["cpb"], name="cpb_mm")])
+    m.graph.output.append(helper.make_tensor_value_info("cpb", TensorProto.FLOAT, None))
+    before = m.SerializeToString()
+    a = analyze(m)
+    assert m.SerializeToString() == before
+    assert roles(a) == PLAIN
+    assert a.unit(fc2.name).weight_input == "w_scaled"
+    assert "cpb_mm" not in {u.name for u in a.units}
+
+
+def test_fused_attention_op_is_declined_with_reason() -> None:
+    """An ONNX Attention op (opset 23) holds both matmuls inside one kernel: noted, not an error."""
+    b = helper
+    inits = [onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), n) for n in ("wq", "wk", "wv", "wo")]
+    nodes = [b.make_node("MatMul", ["x", w], [w + "_y"], name=w + "_mm") for w in ("wq", "wk", "wv")]
+    nodes += [b.make_node("Attention", ["wq_y", "wk_y", "wv_y"], ["att"], name="attention", q_num_heads=2, kv_num_heads=2),
+              b.make_node("MatMul", ["att", "wo"], ["y"], name="wo_mm")]
+    g = b.make_graph(nodes, "fused", [b.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                     [b.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8])], inits)
+    m = b.make_model(g, opset_imports=[b.make_opsetid("", 23)])
+    a = analyze(m)
+    assert "attention attention: fused Attention op (its two matmuls run inside one kernel, no operand to quantize); " \
+           "left in float" in a.notes
+    assert not a.by_role(Role.ATTN_QK, Role.ATTN_AV) and len(a.units) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_dynamo_export_of_fused_sdpa_is_attention(tmp_path) -> None:
+    """timm's fused scaled_dot_product_attention exported by torch's dynamo exporter (the scale
+    split over q and k^T) is found as attention, like the explicit form."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from onnx_mptq.export import build_tiny_timm
+
+    model = build_tiny_timm("vit")
+    assert any(getattr(m, "fused_attn", False) for m in model.modules())
+    path = tmp_path / "fused.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=18, dynamo=True, dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+    a = analyze(onnx.load(str(path)))
+    assert roles(a) == EXPECTED["vit"]
+    assert {u.activation for u in a.by_role(Role.ATTN_AV)} == {Activation.SOFTMAX}

@@ -1,18 +1,25 @@
 """Pure pattern matching of ViT-family graphs: quantizable units, LayerNorms, activations.
 
 Analysis never mutates the graph. It returns a :class:`ModelAnalysis` record that names, for an
-arbitrary ViT / DeiT / Swin-style ONNX graph:
+arbitrary ViT / DeiT / Swin-style ONNX graph and the family's variants (CaiT, XCiT, BEiT, EVA-02,
+PVT, LeViT, TinyViT, MobileViT, hybrids, Hugging Face and torchvision exports):
 
-* every quantizable unit: each Linear (``MatMul`` or ``Gemm`` whose weight is a constant, seen
-  through Identity / Transpose / Reshape of constants), the patch-embedding ``Conv``, and the two
-  attention matmuls (``Q @ K^T`` and ``P @ V``), with a role (qkv, q, k, v, proj, fc1, fc2, head,
-  patch_embed, reduction, attn_qk, attn_av, linear);
+* every quantizable unit: each Linear (``MatMul`` or ``Gemm`` whose weight is a constant, i.e.
+  computable from initializers: onnx-graphsurgeon's ``fold_constants`` runs on a copy), the
+  patch-embedding ``Conv`` and the dense convs behind it (conv stems, hybrids), and the two
+  attention matmuls (``Q @ K^T`` and ``P @ V``) of every softmax attention, with a role (qkv, q,
+  k, v, proj, fc1, fc2, fc1_g / fc1_x / fc1_glu of gated MLPs, talking_heads, head, patch_embed,
+  conv, reduction, attn_qk, attn_av, and linear where none fits);
 * the LayerNorm feeding a unit (the ``LayerNormalization`` op or its decomposed form
   ``ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add``), seen through channel-preserving
   data movement (Reshape keeping the last dimension, Transpose keeping the last axis, Slice /
   Gather / Pad / Concat on other axes);
-* the activation in front of a unit (GELU as the op, its erf form or tanh form, ReLU, Softmax);
-* for each LayerNorm, whether SQ-b can be folded into it exactly, and if not, why.
+* the activation in front of a unit (GELU as the op, its erf form or tanh form, ReLU, SiLU,
+  HardSwish, the gated product ``silu(g) * x``, Softmax);
+* for each LayerNorm, whether SQ-b can be folded into it exactly, and if not, why;
+* notes: what is declined and why (a run-time matmul that is not a softmax attention, a fused
+  Attention op, grouped convs, convs of constants), layer scales, class attention, a model with
+  no LayerNorm for SQ-b.
 
 Structure is recovered from the graph's data flow only, never from node names.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections import deque
 from typing import Iterable
 
@@ -32,6 +40,8 @@ from ..errors import UnsupportedModelError
 from ..records import Record
 from .io import assign_node_names, graph_digest, opset_of
 
+log = logging.getLogger(__name__)
+
 
 class Role(str, enum.Enum):
     QKV = "qkv"
@@ -41,8 +51,13 @@ class Role(str, enum.Enum):
     PROJ = "proj"
     FC1 = "fc1"
     FC2 = "fc2"
+    FC1_G = "fc1_g"  # gated MLP: the Linear whose output goes through the gate's SiLU
+    FC1_X = "fc1_x"  # gated MLP: the Linear multiplied by the gate
+    FC1_GLU = "fc1_glu"  # gated MLP: one Linear holding both halves (split into gate and value)
+    TALKING_HEADS = "talking_heads"  # a Linear over the heads axis of the attention scores (CaiT)
     HEAD = "head"
     PATCH_EMBED = "patch_embed"
+    CONV = "conv"  # a convolution fed by an inner activation (conv stems, hybrids): own input quantizer
     REDUCTION = "reduction"
     ATTN_QK = "attn_qk"
     ATTN_AV = "attn_av"
@@ -55,12 +70,16 @@ class Activation(str, enum.Enum):
     GELU_TANH = "gelu_tanh"  # tanh approximation (op attribute or decomposed)
     GELU_SIGMOID = "gelu_sigmoid"  # x * sigmoid(1.702 x)
     RELU = "relu"
+    SILU = "silu"  # x * sigmoid(x)
+    HARDSWISH = "hardswish"
+    SWIGLU = "swiglu"  # gated MLP product: silu(g) * x
     SOFTMAX = "softmax"
 
 
 GELU_KINDS = frozenset({Activation.GELU, Activation.GELU_ERF, Activation.GELU_TANH, Activation.GELU_SIGMOID})
 LINEAR_ROLES = frozenset(
-    {Role.QKV, Role.Q, Role.K, Role.V, Role.PROJ, Role.FC1, Role.FC2, Role.HEAD, Role.PATCH_EMBED, Role.REDUCTION, Role.LINEAR}
+    {Role.QKV, Role.Q, Role.K, Role.V, Role.PROJ, Role.FC1, Role.FC2, Role.FC1_G, Role.FC1_X, Role.FC1_GLU,
+     Role.TALKING_HEADS, Role.HEAD, Role.PATCH_EMBED, Role.REDUCTION, Role.LINEAR}
 )
 
 
@@ -182,7 +201,13 @@ _SELECT_OPS = {"Slice", "Gather", "Split", "Concat", "Pad"}
 
 
 class GraphView:
-    """Read-only helpers over a graphsurgeon graph: producers, consumers, constant values."""
+    """Read-only helpers over a graphsurgeon graph: producers, consumers, constant values.
+
+    Constant values come from onnx-graphsurgeon's ``fold_constants`` run on a *copy* of the graph
+    when the view is made (the caller's graph is never changed): a tensor is constant when every
+    path into it starts at initializers or ``Constant`` nodes (shape-derived values are not folded,
+    so dynamic dimensions stay dynamic). Tensors created after the view only count when they are
+    ``gs.Constant`` themselves."""
 
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
@@ -191,7 +216,7 @@ class GraphView:
         self.input_names = {t.name for t in graph.inputs}
         self.nodes = list(graph.nodes)
         self.order = {id(n): i for i, n in enumerate(self.nodes)}
-        self._const_cache: dict[str, np.ndarray | None] = {}
+        self._folded = _folded_values(graph)
 
     def producer(self, t: gs.Tensor) -> gs.Node | None:
         return t.inputs[0] if len(t.inputs) else None
@@ -199,57 +224,13 @@ class GraphView:
     def consumers(self, t: gs.Tensor) -> list[gs.Node]:
         return list(t.outputs)
 
-    def const(self, t: gs.Tensor | None, depth: int = 0) -> np.ndarray | None:
-        """Value of a tensor computable from constants alone (small ops only), else None."""
-        if t is None or depth > 8:
+    def const(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """Value of a tensor computable from constants alone, else None."""
+        if t is None:
             return None
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
-        if t.name in self._const_cache:
-            return self._const_cache[t.name]
-        val: np.ndarray | None = None
-        node = self.producer(t)
-        if node is not None:
-            op = node.op
-            if op == "Constant":
-                v = node.attrs.get("value")
-                if isinstance(v, gs.Constant):
-                    val = np.asarray(v.values)
-                elif v is not None:
-                    val = np.asarray(v)
-                elif "value_float" in node.attrs:
-                    val = np.asarray(node.attrs["value_float"], dtype=np.float32)
-                elif "value_int" in node.attrs:
-                    val = np.asarray(node.attrs["value_int"], dtype=np.int64)
-                elif "value_ints" in node.attrs:
-                    val = np.asarray(node.attrs["value_ints"], dtype=np.int64)
-                elif "value_floats" in node.attrs:
-                    val = np.asarray(node.attrs["value_floats"], dtype=np.float32)
-            elif op in ("Identity", "Cast") and node.inputs:
-                src = self.const(node.inputs[0], depth + 1)
-                if src is not None and op == "Cast":
-                    to = node.attrs.get("to")
-                    try:
-                        src = src.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-                    except Exception:
-                        src = None
-                val = src
-            elif op == "Transpose" and node.inputs:
-                src = self.const(node.inputs[0], depth + 1)
-                if src is not None:
-                    perm = node.attrs.get("perm")
-                    val = np.transpose(src, perm) if perm is not None else src.T
-            elif op == "Reshape" and len(node.inputs) >= 2:
-                src = self.const(node.inputs[0], depth + 1)
-                shape = self.const(node.inputs[1], depth + 1)
-                if src is not None and shape is not None:
-                    shape = [int(s) if s != 0 else src.shape[i] for i, s in enumerate(shape.tolist())]
-                    try:
-                        val = src.reshape(shape)
-                    except ValueError:
-                        val = None
-        self._const_cache[t.name] = val
-        return val
+        return self._folded.get(t.name)
 
     def const_source(self, t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
         """The initializer a constant tensor comes from and the nodes in between."""
@@ -281,6 +262,29 @@ class GraphView:
             return None
         d = shape[-1]
         return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+_FOLD_LIMIT_BYTES = 1 << 28  # tensors above this are not folded (a computed weight is far below)
+
+
+def _folded_values(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Name -> value of every non-initializer tensor that ``fold_constants`` (on a copy) computes."""
+    if not any(all(isinstance(i, gs.Constant) or (i.inputs and i.inputs[0].op == "Constant") for i in n.inputs)
+               or n.op == "Constant" for n in graph.nodes):
+        return {}
+    work = graph.copy()
+    severity = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.CRITICAL
+    try:
+        work.fold_constants(fold_shapes=False, error_ok=True, size_threshold=_FOLD_LIMIT_BYTES)
+    except Exception:  # folding is an aid: without it only initializers count as constants
+        log.debug("constant folding failed; only initializers count as constants", exc_info=True)
+        return {}
+    finally:
+        gs.logger.G_LOGGER.severity = severity
+    original = graph.tensors()
+    return {name: np.asarray(t.values) for name, t in work.tensors().items()
+            if isinstance(t, gs.Constant) and not isinstance(original.get(name), gs.Constant)}
 
 
 def _scalar(v: np.ndarray | None) -> float | None:
@@ -381,24 +385,25 @@ def _match_decomposed(view: GraphView, div: gs.Node) -> _LN | None:
     axis_last = last_only(axes1) and last_only(axes2)
     nodes = [mean1, sub, sq, mean2, add_eps, sqrt, div]
     out = div.outputs[0]
-    gamma = beta = None
-    gamma_node = beta_node = None
-    nxt = view.only_consumer(out)
-    if nxt is not None and nxt.op == "Mul":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if view.is_const(other):
-            gamma, gamma_node = other, nxt
-            nodes.append(nxt)
-            out = nxt.outputs[0]
-            nxt = view.only_consumer(out)
-    if nxt is not None and nxt.op == "Add":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if view.is_const(other):
-            beta, beta_node = other, nxt
-            nodes.append(nxt)
-            out = nxt.outputs[0]
+    gamma, gamma_node = _const_operand(view, out, "Mul")
+    if gamma_node is not None:
+        nodes.append(gamma_node)
+        out = gamma_node.outputs[0]
+    beta, beta_node = _const_operand(view, out, "Add")
+    if beta_node is not None:
+        nodes.append(beta_node)
+        out = beta_node.outputs[0]
     return _LN(mean1.name, "decomposed", x, out, nodes, gamma, beta, gamma_node, beta_node, axis_last,
                float(eps_val if eps_val is not None else 0.0))
+
+
+def _const_operand(view: GraphView, t: gs.Tensor, op: str) -> tuple[gs.Tensor | None, gs.Node | None]:
+    """(constant, node) when the only consumer of ``t`` is ``op`` with a constant other operand."""
+    nxt = view.only_consumer(t)
+    if nxt is None or nxt.op != op:
+        return None, None
+    other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
+    return (other, nxt) if view.is_const(other) else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +466,16 @@ def _find_activations(view: GraphView) -> dict[str, Activation]:
                 out = _gelu_tail(view, node, x)
                 if out is not None:
                     acts[out.name] = Activation.GELU_TANH
+        elif op == "HardSwish":
+            acts[node.outputs[0].name] = Activation.HARDSWISH
         elif op == "Sigmoid":
+            silu = _silu_output(view, node)
+            if silu is not None:
+                acts[silu.name] = Activation.SILU
+                gated = _gated_product(view, silu)
+                if gated is not None:
+                    acts[gated.name] = Activation.SWIGLU
+                continue
             pre = view.producer(node.inputs[0])
             if pre is not None and pre.op == "Mul":
                 x = pre.inputs[0] if not view.is_const(pre.inputs[0]) else pre.inputs[1]
@@ -470,6 +484,24 @@ def _find_activations(view: GraphView) -> dict[str, Activation]:
                 if c is not None and abs(c - 1.702) < 1e-2 and nxt is not None and nxt.op == "Mul" and any(i is x for i in nxt.inputs):
                     acts[nxt.outputs[0].name] = Activation.GELU_SIGMOID
     return acts
+
+
+def _silu_output(view: GraphView, sigmoid: gs.Node) -> gs.Tensor | None:
+    """``x * sigmoid(x)``: the Mul reading both the Sigmoid's input and its output."""
+    x = sigmoid.inputs[0]
+    nxt = view.only_consumer(sigmoid.outputs[0])
+    if nxt is not None and nxt.op == "Mul" and len(nxt.inputs) == 2 and any(i is x for i in nxt.inputs):
+        return nxt.outputs[0]
+    return None
+
+
+def _gated_product(view: GraphView, silu: gs.Tensor) -> gs.Tensor | None:
+    """``silu(g) * x`` with ``x`` computed at run time (a SwiGLU MLP's gate), else None."""
+    nxt = view.only_consumer(silu)
+    if nxt is None or nxt.op != "Mul" or len(nxt.inputs) != 2:
+        return None
+    other = nxt.inputs[1] if nxt.inputs[0] is silu else nxt.inputs[0]
+    return None if view.is_const(other) else nxt.outputs[0]
 
 
 def _tanh_gelu_input(view: GraphView, tanh: gs.Node) -> gs.Tensor | None:
@@ -535,32 +567,44 @@ def _linear_of(view: GraphView, node: gs.Node) -> _Lin | None:
     return None
 
 
+def _walk_tensors(start: gs.Tensor, limit: int | None = None):
+    """Breadth-first over tensors from ``start``: yields each tensor once with the queue, which
+    the caller extends with the tensors to visit next; stops after ``limit`` tensors."""
+    seen: set[str] = set()
+    queue: deque[gs.Tensor] = deque([start])
+    while queue and (limit is None or len(seen) < limit):
+        t = queue.popleft()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        yield t, queue
+
+
 def _passthrough_forward(view: GraphView, node: gs.Node, cur: gs.Tensor) -> bool:
     """Ops that move values without mixing them with other data (for role tracing)."""
     if node.op in _SHAPE_OPS or node.op in _SELECT_OPS:
         return True
     if node.op in ("Mul", "Div", "Add", "Sub"):  # scaling by constants, attention bias/mask adds
         return True
-    if node.op in ("Where", "Expand"):
+    if node.op in ("Where", "Expand", "BatchNormalization"):  # BatchNorm: a per-channel affine map
         return True
     return False
 
 
-def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit: int = 64) -> list[tuple[gs.Node, int]]:
-    """Nodes in ``stop_ids`` reached from ``start`` through pass-through ops, with input index."""
+def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit: int = 64,
+                   through: set[int] | frozenset = frozenset()) -> list[tuple[gs.Node, int]]:
+    """Nodes in ``stop_ids`` reached from ``start`` through pass-through ops (and the nodes in
+    ``through``), with input index."""
     hits: list[tuple[gs.Node, int]] = []
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([start])
-    while queue and len(seen) < limit:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+    for t, queue in _walk_tensors(start, limit):
         for node in view.consumers(t):
             if id(node) in stop_ids:
                 for idx, i in enumerate(node.inputs):
                     if i is t:
                         hits.append((node, idx))
+                continue
+            if id(node) in through:
+                queue.extend(node.outputs)
                 continue
             if node.op in ("Softmax", "LayerNormalization", "MatMul", "Gemm", "Conv", "ReduceMean"):
                 continue
@@ -569,22 +613,25 @@ def _forward_reach(view: GraphView, start: gs.Tensor, stop_ids: set[int], limit:
     return hits
 
 
-def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32, extra_ops: set[str] | frozenset = frozenset()):
-    """Walk producers through pass-through ops until ``accept(node)`` says yes."""
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([start])
-    while queue and len(seen) < limit:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+# element-wise ops walked backwards; Where: masked_fill, and the NaN guard Where(IsNaN(p), 0, p) that
+# torch's dynamo exporter puts between the Softmax and P @ V of a fused attention
+_BACKWARD_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where"})
+
+
+def _backward_source(view: GraphView, start: gs.Tensor, accept, limit: int = 32, extra_ops: set[str] | frozenset = frozenset(),
+                     through: set[int] | frozenset = frozenset()):
+    """Walk producers through pass-through ops (and through the first input of the nodes in
+    ``through``) until ``accept(node)`` says yes."""
+    for t, queue in _walk_tensors(start, limit):
         node = view.producer(t)
         if node is None:
             continue
         hit = accept(node, t)
         if hit is not None:
             return hit
-        if node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in ("Mul", "Div", "Add", "Sub") or node.op in extra_ops:
+        if id(node) in through:
+            queue.append(node.inputs[0])
+        elif node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in _BACKWARD_OPS or node.op in extra_ops:
             queue.extend(i for i in node.inputs if i.name and not view.is_const(i))
     return None
 
@@ -639,13 +686,7 @@ def _ln_fanout(view: GraphView, ln_out: gs.Tensor, channels: int, linear_x: dict
     other: list[gs.Node] = []
     graph_out = False
     via_pad = False
-    seen: set[str] = set()
-    queue: deque[gs.Tensor] = deque([ln_out])
-    while queue:
-        t = queue.popleft()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
+    for t, queue in _walk_tensors(ln_out):
         if t.name in view.output_names:
             graph_out = True
         for node in view.consumers(t):
@@ -667,16 +708,23 @@ def _ln_fanout(view: GraphView, ln_out: gs.Tensor, channels: int, linear_x: dict
     return lin, other, graph_out, via_pad
 
 
-def _same_origin(view: GraphView, t: gs.Tensor, origin: gs.Tensor, limit: int = 16) -> bool:
+def _walk_up(view: GraphView, t: gs.Tensor, ops: set[str] | frozenset, arrived, limit: int = 16) -> bool:
+    """Follow first inputs through ``ops`` from ``t`` until ``arrived(tensor)``; False at any
+    other producer or after ``limit`` steps."""
     cur = t
     for _ in range(limit):
-        if cur is origin:
+        if arrived(cur):
             return True
         node = view.producer(cur)
-        if node is None or node.op not in (_SHAPE_OPS | {"Slice", "Gather", "Pad", "Concat"}):
+        if node is None or node.op not in ops:
             return False
-        cur = node.inputs[0]  # for Concat, all inputs are checked by the caller level by level
+        cur = node.inputs[0]
     return False
+
+
+def _same_origin(view: GraphView, t: gs.Tensor, origin: gs.Tensor, limit: int = 16) -> bool:
+    # for Concat, all inputs are checked by the caller level by level
+    return _walk_up(view, t, _SHAPE_OPS | {"Slice", "Gather", "Pad", "Concat"}, lambda cur: cur is origin, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,147 +772,256 @@ def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+@dataclasses.dataclass
+class _Ctx:
+    """What the analysis steps share: the graph view and what earlier steps found."""
+
+    view: GraphView
+    acts: dict[str, Activation]
+    lins: dict[int, _Lin]
+    attn_qk: dict[int, gs.Node] = dataclasses.field(default_factory=dict)
+    attn_av: dict[int, gs.Node] = dataclasses.field(default_factory=dict)
+    talking: set[int] = dataclasses.field(default_factory=set)  # Linears over the heads axis
+    roles: dict[int, Role] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def act_before(self, t: gs.Tensor) -> tuple[Activation | None, gs.Tensor | None]:
+        """The activation whose output reaches ``t`` through pass-through ops."""
+        if t.name in self.acts:
+            return self.acts[t.name], t
+        hit = _backward_source(self.view, t, lambda node, tt: (self.acts[tt.name], tt) if tt.name in self.acts else None,
+                               limit=8)
+        return hit if hit is not None else (None, None)
+
+    def unassigned(self) -> list[tuple[int, _Lin]]:
+        return [(nid, lin) for nid, lin in self.lins.items() if nid not in self.roles]
+
+
 def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
     """Find every quantizable unit and LayerNorm of a ViT-family graph.
+
+    The steps, in order: Linears and activations; the attention matmuls (both operands computed
+    at run time, one side reaching a Softmax); the Linears' roles from where their outputs go
+    (attention projections, talking-heads mixers, patch embedding, head, MLP including gated
+    ones, the rest by their LayerNorm); the LayerNorms with their SQ-b foldability; the
+    convolutions; the units in graph order with block numbers.
 
     Raises :class:`UnsupportedModelError` naming what is missing when the graph is not a
     transformer (no attention matmuls feeding a Softmax, or no Linear layers)."""
     m = model if prepared else prepare(model)
     graph = gs.import_onnx(m)
     view = GraphView(graph)
-    notes: list[str] = []
-
     lns = _find_layernorms(view)
-    acts = _find_activations(view)
+    ctx = _Ctx(view=view, acts=_find_activations(view), lins=_find_linears(view))
+    _find_attention(ctx)
+    _attention_roles(ctx)
+    _patch_and_head_roles(ctx)
+    _mlp_roles(ctx)
+    ln_records, ln_of_unit = _layernorm_records(ctx, lns)
+    for nid, lin in ctx.unassigned():
+        ctx.roles[nid] = Role.REDUCTION if nid in ln_of_unit or _merges_patches(view, lin) else Role.LINEAR
+    convs = _find_convs(ctx)
+    _structure_notes(ctx, ln_records)
+    return ModelAnalysis(
+        model_digest=graph_digest(m),
+        opset=opset_of(m),
+        inputs=tuple(t.name for t in graph.inputs),
+        outputs=tuple(t.name for t in graph.outputs),
+        units=tuple(_assemble_units(ctx, convs, ln_of_unit)),
+        layernorms=tuple(ln_records),
+        notes=tuple(ctx.notes),
+    )
 
+
+def _merges_patches(view: GraphView, lin: _Lin) -> bool:
+    """Patch merging without a LayerNorm in front (Swin V2 normalises after it): a Linear halving
+    the channels of neighbourhoods regrouped by Reshape / Concat (4C -> 2C)."""
+    k, n = lin.wmat.shape
+    src = view.producer(lin.x)
+    return k == 2 * n and src is not None and src.op in ("Reshape", "Flatten", "Concat")
+
+
+def _find_linears(view: GraphView) -> dict[int, _Lin]:
     lins: dict[int, _Lin] = {}
     for node in view.nodes:
         lin = _linear_of(view, node)
         if lin is not None:
             lins[id(node)] = lin
+    return lins
 
-    # attention matmuls: both operands computed at run time
-    attn_av: dict[int, gs.Node] = {}
-    attn_qk: dict[int, gs.Node] = {}
-    dyn_matmuls = [n for n in view.nodes if n.op == "MatMul" and id(n) not in lins and len(view.non_const_inputs(n)) == 2]
-    for n in dyn_matmuls:
-        src = _backward_source(view, n.inputs[0], lambda node, t: node if node.op == "Softmax" else None, limit=8)
-        if src is not None:
-            attn_av[id(n)] = n
-    softmax_nodes = {id(n) for n in view.nodes if n.op == "Softmax"}
-    for n in dyn_matmuls:
-        if id(n) in attn_av:
-            continue
-        if _forward_reach(view, n.outputs[0], softmax_nodes, limit=16):
-            attn_qk[id(n)] = n
-    for n in dyn_matmuls:
-        if id(n) not in attn_av and id(n) not in attn_qk:
-            notes.append(f"matmul {n.name}: both operands dynamic but not an attention pattern; left in float")
 
-    if not attn_qk or not attn_av:
-        missing = []
-        if not attn_qk:
-            missing.append("no Q @ K^T matmul feeding a Softmax")
-        if not attn_av:
-            missing.append("no Softmax @ V matmul")
-        if not lins:
-            missing.append("no Linear (MatMul/Gemm with a constant weight)")
-        raise UnsupportedModelError(f"not a transformer: {'; '.join(missing)}")
-    if not lins:
-        raise UnsupportedModelError("not a transformer: no Linear (MatMul/Gemm with a constant weight)")
+_MAX_HEADS = 64
+_FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
 
-    # roles of the Linears
-    attn_ids = set(attn_av) | set(attn_qk)
-    roles: dict[int, Role] = {}
-    lin_ids = set(lins)
-    for nid, lin in lins.items():
-        hits = _forward_reach(view, lin.output, attn_ids)
-        slots = {("qk" if id(n) in attn_qk else "av", idx) for n, idx in hits}
-        if {("qk", 0), ("qk", 1), ("av", 1)} <= slots:
-            roles[nid] = Role.QKV
-        elif slots == {("qk", 0)}:
-            roles[nid] = Role.Q
-        elif slots == {("qk", 1)}:
-            roles[nid] = Role.K
-        elif slots == {("av", 1)}:
-            roles[nid] = Role.V
-        elif slots:
-            roles[nid] = Role.QKV  # partial fused projection (e.g. kv)
-    for nid, lin in lins.items():
-        if nid in roles:
-            continue
-        src = _backward_source(view, lin.x, lambda node, t: node if id(node) in attn_av else None, limit=16)
-        if src is not None:
-            roles[nid] = Role.PROJ
 
-    # activation in front of each unit (through pass-through ops)
-    def act_before(t: gs.Tensor) -> tuple[Activation | None, gs.Tensor | None]:
-        def accept(node: gs.Node, tt: gs.Tensor):
-            if tt.name in acts:
-                return (acts[tt.name], tt)
-            return None
-        if t.name in acts:
-            return acts[t.name], t
-        hit = _backward_source(view, t, accept, limit=8)
-        return hit if hit is not None else (None, None)
+def _find_attention(ctx: _Ctx) -> None:
+    """``P @ V``: a run-time matmul whose first operand comes from a Softmax; ``Q @ K^T``: one
+    whose output reaches a Softmax. Pass-through ops between them (scaling, bias and mask adds,
+    relative-position and RoPE terms, transposes of the cross-covariance form) and talking-heads
+    mixers (a Linear with a square weight of at most 64 heads reading the scores or the
+    probabilities, CaiT) do not break the pattern."""
+    view = ctx.view
+    dyn = [n for n in view.nodes if n.op == "MatMul" and id(n) not in ctx.lins and len(view.non_const_inputs(n)) == 2]
+    dyn_ids = {id(n) for n in dyn}
+    softmax = {id(n) for n in view.nodes if n.op == "Softmax"}
 
-    unit_act: dict[int, Activation | None] = {}
-    for nid, lin in lins.items():
-        kind, _ = act_before(lin.x)
-        unit_act[nid] = kind
-    # patch embedding as a Linear (input comes straight from a graph input)
-    for nid, lin in lins.items():
-        if nid not in roles and _from_graph_input(view, lin.x):
-            roles[nid] = Role.PATCH_EMBED
-    # head: a Linear whose output reaches a graph output through elementwise/shape ops only
-    def reaches_output(t: gs.Tensor) -> bool:
-        seen: set[str] = set()
-        queue: deque[gs.Tensor] = deque([t])
-        while queue:
-            cur = queue.popleft()
-            if cur.name in seen:
-                continue
-            seen.add(cur.name)
-            if cur.name in view.output_names:
+    def from_scores(t: gs.Tensor) -> bool:
+        node = view.producer(t)
+        return node is not None and (id(node) in softmax or id(node) in dyn_ids)
+
+    def to_scores(t: gs.Tensor) -> bool:  # through Transposes only, into a Softmax or operand 0 of a matmul
+        for node in view.consumers(t):
+            if node.op == "Transpose" and to_scores(node.outputs[0]):
                 return True
-            for node in view.consumers(cur):
-                if node.op in _SHAPE_OPS or node.op in _SELECT_OPS or node.op in ("Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid", "ReduceMean"):
-                    queue.extend(node.outputs)
+            if id(node) in softmax or (id(node) in dyn_ids and node.inputs[0] is t):
+                return True
         return False
 
-    heads = {nid for nid, lin in lins.items() if nid not in roles and reaches_output(lin.output)}
-    # a Linear whose activated output feeds only head Linears is part of the head (pre-logits MLP)
+    for nid, lin in ctx.lins.items():
+        k, n = lin.wmat.shape
+        if k == n <= _MAX_HEADS and _walk_up(view, lin.x, {"Transpose", "Mul", "Div", "Add"}, from_scores, limit=4) and to_scores(lin.output):
+            ctx.talking.add(nid)  # a mixer over the heads axis: permuted in, permuted back out
+    for n in dyn:
+        if _backward_source(view, n.inputs[0], lambda node, t: node if id(node) in softmax else None, limit=8,
+                            through=ctx.talking) is not None:
+            ctx.attn_av[id(n)] = n
+    for n in dyn:
+        if id(n) not in ctx.attn_av and _forward_reach(view, n.outputs[0], softmax, limit=16, through=ctx.talking):
+            ctx.attn_qk[id(n)] = n
+    for n in dyn:
+        if id(n) not in ctx.attn_av and id(n) not in ctx.attn_qk:
+            ctx.notes.append(f"matmul {n.name}: both operands dynamic but neither reaches nor reads a Softmax "
+                             f"(not a softmax attention); left in float")
+    fused = [n for n in view.nodes if n.op in _FUSED_ATTENTION_OPS]
+    for n in fused:
+        ctx.notes.append(f"attention {n.name}: fused {n.op} op (its two matmuls run inside one kernel, no operand "
+                         f"to quantize); left in float")
+    missing = []
+    if fused and ctx.lins:
+        return
+    if not ctx.attn_qk:
+        missing.append("no Q @ K^T matmul feeding a Softmax")
+    if not ctx.attn_av:
+        missing.append("no Softmax @ V matmul")
+    if not ctx.lins:
+        missing.append("no Linear (MatMul/Gemm with a constant weight)")
+    if missing:
+        raise UnsupportedModelError(f"not a transformer: {'; '.join(missing)}")
+
+
+def _attention_roles(ctx: _Ctx) -> None:
+    """qkv / q / k / v by which attention operands a Linear's output reaches; proj for a Linear
+    reading ``P @ V`` (also behind an activation, LeViT); talking_heads for the head mixers."""
+    view = ctx.view
+    attn_ids = set(ctx.attn_av) | set(ctx.attn_qk)
+    for nid in ctx.talking:
+        ctx.roles[nid] = Role.TALKING_HEADS
+    for nid, lin in ctx.unassigned():
+        hits = _forward_reach(view, lin.output, attn_ids)
+        slots = {("qk" if id(n) in ctx.attn_qk else "av", idx) for n, idx in hits}
+        if {("qk", 0), ("qk", 1), ("av", 1)} <= slots:
+            ctx.roles[nid] = Role.QKV
+        elif slots == {("qk", 0)}:
+            ctx.roles[nid] = Role.Q
+        elif slots == {("qk", 1)}:
+            ctx.roles[nid] = Role.K
+        elif slots == {("av", 1)}:
+            ctx.roles[nid] = Role.V
+        elif slots:
+            ctx.roles[nid] = Role.QKV  # partial fused projection (e.g. kv)
+    for nid, lin in ctx.unassigned():
+        src = _backward_source(view, lin.x, lambda node, t: node if id(node) in ctx.attn_av else None, limit=16,
+                               extra_ops=_POINTWISE_ACTS)
+        if src is not None:
+            ctx.roles[nid] = Role.PROJ
+
+
+_POINTWISE_ACTS = frozenset({"Relu", "HardSwish", "Gelu", "Sigmoid"})
+
+
+def _patch_and_head_roles(ctx: _Ctx) -> None:
+    """patch_embed: a Linear reading a graph input; head: a Linear whose output reaches a graph
+    output through element-wise and shape ops, and the Linears that feed only heads (a
+    pre-logits MLP)."""
+    view = ctx.view
+    for nid, lin in ctx.unassigned():
+        if _from_graph_input(view, lin.x):
+            ctx.roles[nid] = Role.PATCH_EMBED
+    heads = {nid for nid, lin in ctx.unassigned() if _reaches_output(view, lin.output)}
+    lin_ids = set(ctx.lins)
     changed = True
     while changed:
         changed = False
-        for nid, lin in lins.items():
-            if nid in roles or nid in heads:
+        for nid, lin in ctx.unassigned():
+            if nid in heads:
                 continue
             reached = _forward_reach(view, lin.output, lin_ids, limit=32)
             if reached and all(id(n) in heads for n, _ in reached) and not _feeds_residual(view, lin.output):
                 heads.add(nid)
                 changed = True
     for nid in heads:
-        roles[nid] = Role.HEAD
+        ctx.roles[nid] = Role.HEAD
 
-    # fc2: a Linear behind an activation; fc1: the Linear feeding that activation
-    act_ops = {"Relu", "Erf", "Tanh", "Sigmoid", "Gelu", "Pow"}
-    for nid, lin in lins.items():
-        if nid in roles:
+
+def _reaches_output(view: GraphView, t: gs.Tensor) -> bool:
+    ok = _SHAPE_OPS | _SELECT_OPS | {"Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid", "ReduceMean"}
+    for cur, queue in _walk_tensors(t):
+        if cur.name in view.output_names:
+            return True
+        for node in view.consumers(cur):
+            if node.op in ok:
+                queue.extend(node.outputs)
+    return False
+
+
+_ACT_OPS = frozenset({"Relu", "Erf", "Tanh", "Sigmoid", "Gelu", "Pow", "HardSwish", "BatchNormalization"})
+
+
+def _mlp_roles(ctx: _Ctx) -> None:
+    """fc2: a Linear behind an activation. fc1: the Linear feeding that activation (also through
+    a depthwise conv, PVT v2). Behind a gated product ``silu(g) * x``: fc1_g and fc1_x, or
+    fc1_glu when one Linear holds both halves (EVA-02)."""
+    view = ctx.view
+    depthwise = {id(n) for n in view.nodes if n.op == "Conv" and int(n.attrs.get("group", 1)) > 1}
+
+    def free_linear(node: gs.Node, t: gs.Tensor) -> gs.Node | None:
+        return node if id(node) in ctx.lins and id(node) not in ctx.roles else None
+
+    for nid, lin in ctx.unassigned():
+        if nid in ctx.roles:  # assigned as an fc1 of an earlier fc2
             continue
-        kind, act_t = act_before(lin.x)
+        kind, act_t = ctx.act_before(lin.x)
         if kind is None or kind is Activation.SOFTMAX:
             continue
-        roles[nid] = Role.FC2
-        src = _backward_source(
-            view, act_t,
-            lambda node, t: node if id(node) in lins and id(node) not in roles else None,
-            limit=24, extra_ops=act_ops,
-        )
+        ctx.roles[nid] = Role.FC2
+        if kind is Activation.SWIGLU:
+            _gate_roles(ctx, act_t, free_linear)
+            continue
+        src = _backward_source(view, act_t, free_linear, limit=24, extra_ops=_ACT_OPS, through=depthwise)
         if src is not None:
-            roles[id(src)] = Role.FC1
-    # LayerNorm -> unit map
-    linear_x = dict(lins)
+            ctx.roles[id(src)] = Role.FC1
+
+
+def _gate_roles(ctx: _Ctx, product: gs.Tensor, free_linear) -> None:
+    view = ctx.view
+    mul = view.producer(product)  # silu(g) * x, both operands produced by nodes (see _gated_product)
+    s = 0 if ctx.acts.get(mul.inputs[0].name) is Activation.SILU else 1
+    silu_mul, value_t = mul.i(s), mul.inputs[1 - s]  # silu(g) = g * sigmoid(g)
+    gate_t = silu_mul.inputs[1] if silu_mul.inputs[0].inputs and silu_mul.i(0).op == "Sigmoid" else silu_mul.inputs[0]
+    g = _backward_source(view, gate_t, free_linear, limit=12)
+    x = _backward_source(view, value_t, free_linear, limit=12)
+    if g is not None and g is x:
+        ctx.roles[id(g)] = Role.FC1_GLU
+        return
+    if g is not None:
+        ctx.roles[id(g)] = Role.FC1_G
+    if x is not None:
+        ctx.roles[id(x)] = Role.FC1_X
+
+
+def _layernorm_records(ctx: _Ctx, lns: list[_LN]) -> tuple[list[LayerNormInfo], dict[int, str]]:
+    """Every LayerNorm with the Linears it feeds and whether SQ-b folds into it exactly."""
+    view = ctx.view
     ln_records: list[LayerNormInfo] = []
     ln_of_unit: dict[int, str] = {}
     for ln in lns:
@@ -872,12 +1029,12 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
         if channels is None and ln.gamma is not None:
             g = view.const(ln.gamma)
             channels = int(g.size) if g is not None else None
-        lin_nodes, other, graph_out, via_pad = _ln_fanout(view, ln.output, channels or -1, linear_x)
+        lin_nodes, other, graph_out, via_pad = _ln_fanout(view, ln.output, channels or -1, ctx.lins)
         for n in lin_nodes:
             ln_of_unit.setdefault(id(n), ln.name)
-        reason = _fold_reason(view, ln, lin_nodes, other, graph_out, lins, channels)
+        reason = _fold_reason(view, ln, lin_nodes, other, graph_out, ctx.lins, channels)
         if reason is None and via_pad:
-            notes.append(
+            ctx.notes.append(
                 f"layernorm {ln.name}: reaches its Linears through a Pad; folding is exact while the pad "
                 f"amount is zero (feature map divisible by the window)"
             )
@@ -901,36 +1058,93 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
                 other_consumers=tuple(sorted({n.name for n in other})),
             )
         )
+    return ln_records, ln_of_unit
 
-    for nid, lin in lins.items():
-        if nid in roles:
-            continue
-        if nid in ln_of_unit:
-            roles[nid] = Role.REDUCTION
-        else:
-            roles[nid] = Role.LINEAR
 
-    # Conv patch embedding
-    convs = []
+def _find_convs(ctx: _Ctx) -> dict[int, Role]:
+    """Convolutions with a constant weight: patch_embed when fed by the graph input (image
+    quantizer), conv when fed by an inner activation (its own input quantizer). Declined, with
+    the reason in the notes: a conv whose input is itself constant (computed once, e.g. XCiT's
+    Fourier position encoding) and grouped / depthwise convs (the output-error search works on
+    dense im2col patches)."""
+    view = ctx.view
+    convs: dict[int, Role] = {}
     for node in view.nodes:
-        if node.op == "Conv" and len(node.inputs) >= 2 and view.const(node.inputs[1]) is not None:
-            if _from_graph_input(view, node.inputs[0]):
-                convs.append(node)
-            else:
-                notes.append(f"conv {node.name}: not fed by a graph input; left in float")
+        if node.op != "Conv" or len(node.inputs) < 2:
+            continue
+        w = view.const(node.inputs[1])
+        if w is None:
+            ctx.notes.append(f"conv {node.name}: weight computed at run time; left in float")
+            continue
+        if view.is_const(node.inputs[0]):
+            ctx.notes.append(f"conv {node.name}: its input is a constant (the conv runs once on fixed values); left in float")
+        elif _from_graph_input(view, node.inputs[0]):
+            convs[id(node)] = Role.PATCH_EMBED
+        elif int(node.attrs.get("group", 1)) != 1:
+            ctx.notes.append(f"conv {node.name}: grouped convolution (group={int(node.attrs['group'])}); left in float")
+        elif w.ndim != 4:
+            ctx.notes.append(f"conv {node.name}: {w.ndim - 2}-d convolution; left in float")
+        else:
+            convs[id(node)] = Role.CONV
+    return convs
 
-    # assemble units in graph order, numbering blocks at each attention score matmul
+
+def _structure_notes(ctx: _Ctx, ln_records: list[LayerNormInfo]) -> None:
+    """What the analysis saw around the units: layer scales, class attention, no LayerNorm."""
+    view = ctx.view
+    scaled = 0
+    for nid, lin in ctx.lins.items():
+        if ctx.roles[nid] not in (Role.PROJ, Role.FC2):
+            continue
+        nxt = view.only_consumer(lin.output)
+        if nxt is not None and nxt.op == "Mul":
+            other = nxt.inputs[1] if nxt.inputs[0] is lin.output else nxt.inputs[0]
+            v = view.const(other)
+            if v is not None and v.size == lin.wmat.shape[1] > 1:
+                scaled += 1
+    if scaled:
+        ctx.notes.append(f"layer scale: {scaled} proj/fc2 outputs scaled per channel before the residual Add (float)")
+    one_query = [nid for nid, lin in ctx.lins.items() if ctx.roles[nid] is Role.Q
+                 and (src := view.producer(lin.x)) is not None and src.op in ("Gather", "Slice")]
+    if one_query:
+        ctx.notes.append(f"class attention: {len(one_query)} block(s) whose queries come from the class token only")
+    tokens = sum(_learned_tokens(view, n) for n in view.nodes if n.op == "Concat")
+    if tokens > 1:
+        ctx.notes.append(f"tokens: {tokens} learned tokens joined to the patch tokens (class and distillation / "
+                         f"register tokens; float, they enter through the first LayerNorm)")
+    if not any(ln.consumers for ln in ln_records):
+        ctx.notes.append("no LayerNorm feeds a Linear (e.g. BatchNorm models): SQ-b has nothing to smooth and is skipped")
+
+
+def _learned_tokens(view: GraphView, concat: gs.Node) -> int:
+    """Rows of learned (constant) tokens a Concat puts beside run-time tokens: each input that is
+    a constant ``(1, T, C)`` broadcast over the batch by an Expand."""
+    if len(view.non_const_inputs(concat)) < 2:
+        return 0
+    rows = 0
+    for t in concat.inputs:
+        src = view.producer(t)
+        v = view.const(src.inputs[0]) if src is not None and src.op == "Expand" else None
+        if v is not None and v.ndim == 3 and v.shape[0] == 1:
+            rows += int(v.shape[1])
+    return rows
+
+
+def _assemble_units(ctx: _Ctx, convs: dict[int, Role], ln_of_unit: dict[int, str]) -> list[Unit]:
+    """Units in graph order; a block starts at each attention score matmul (its q/qkv projection
+    just before it belongs to it)."""
+    view = ctx.view
     units: list[Unit] = []
     block = -1
     for node in view.nodes:
         nid = id(node)
-        if nid in attn_qk:
+        if nid in ctx.attn_qk:
             block += 1
         blk = block if block >= 0 else None
-        if nid in lins:
-            lin = lins[nid]
-            role = roles[nid]
-            if role in (Role.QKV, Role.Q) and nid not in attn_qk:
+        if nid in ctx.lins:
+            lin = ctx.lins[nid]
+            role = ctx.roles[nid]
+            if role in (Role.QKV, Role.Q):
                 blk = block + 1  # projections precede their block's score matmul
             units.append(
                 Unit(
@@ -946,26 +1160,25 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
                     in_features=int(lin.wmat.shape[0]),
                     out_features=int(lin.wmat.shape[1]),
                     layernorm=ln_of_unit.get(nid),
-                    activation=unit_act.get(nid),
+                    activation=ctx.act_before(lin.x)[0],
                     block=None if role in (Role.HEAD, Role.PATCH_EMBED) else blk,
                     output=lin.output.name,
                     weight_axis=weight_axis_of(node),
                 )
             )
-        elif nid in attn_qk or nid in attn_av:
-            kind, _ = act_before(node.inputs[0])
+        elif nid in ctx.attn_qk or nid in ctx.attn_av:
             units.append(
                 Unit(
                     name=node.name,
                     op_type=node.op,
-                    role=Role.ATTN_QK if nid in attn_qk else Role.ATTN_AV,
+                    role=Role.ATTN_QK if nid in ctx.attn_qk else Role.ATTN_AV,
                     inputs=(node.inputs[0].name, node.inputs[1].name),
-                    activation=kind if nid in attn_av else None,
+                    activation=ctx.act_before(node.inputs[0])[0] if nid in ctx.attn_av else None,
                     block=blk,
                     output=node.outputs[0].name,
                 )
             )
-        elif node in convs:
+        elif nid in convs:
             w = view.const(node.inputs[1])
             src, _ = view.const_source(node.inputs[1])
             bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -973,26 +1186,20 @@ def analyze(model: onnx.ModelProto, *, prepared: bool = False) -> ModelAnalysis:
                 Unit(
                     name=node.name,
                     op_type="Conv",
-                    role=Role.PATCH_EMBED,
+                    role=convs[nid],
                     inputs=(node.inputs[0].name,),
                     weight=src.name if src is not None else None,
                     weight_input=node.inputs[1].name,
                     bias=_const_name(view, bias),
                     in_features=int(np.prod(w.shape[1:])),
                     out_features=int(w.shape[0]),
+                    activation=ctx.act_before(node.inputs[0])[0] if convs[nid] is Role.CONV else None,
+                    block=blk if convs[nid] is Role.CONV else None,
                     output=node.outputs[0].name,
                     weight_axis=weight_axis_of(node),
                 )
             )
-    return ModelAnalysis(
-        model_digest=graph_digest(m),
-        opset=opset_of(m),
-        inputs=tuple(t.name for t in graph.inputs),
-        outputs=tuple(t.name for t in graph.outputs),
-        units=tuple(units),
-        layernorms=tuple(ln_records),
-        notes=tuple(notes),
-    )
+    return units
 
 
 def _const_name(view: GraphView, t: gs.Tensor | None) -> str | None:
@@ -1012,17 +1219,7 @@ def _feeds_residual(view: GraphView, t: gs.Tensor) -> bool:
 
 
 def _from_graph_input(view: GraphView, t: gs.Tensor) -> bool:
-    seen = 0
-    cur = t
-    while seen < 16:
-        seen += 1
-        if cur.name in view.input_names:
-            return True
-        node = view.producer(cur)
-        if node is None or not (node.op in _SHAPE_OPS or node.op in ("Slice", "Pad")):
-            return False
-        cur = node.inputs[0]
-    return False
+    return _walk_up(view, t, _SHAPE_OPS | {"Slice", "Pad"}, lambda cur: cur.name in view.input_names)
 
 
 def _fold_reason(view: GraphView, ln: _LN, lin_nodes: list[gs.Node], other: list[gs.Node], graph_out: bool,
