@@ -39,7 +39,7 @@ from .config import (
     leaf_paths,
 )
 from .errors import ConfigError, DataError, MptqError, OutputError, PlanError, UnsupportedModelError
-from .plan import WeightContainer
+from .plan import CompensatedWeights, WeightContainer, weights_path
 
 log = logging.getLogger("onnx_mptq")
 
@@ -61,6 +61,7 @@ CONFIG_FILE_ONLY = frozenset({
     "quant.emission.symmetric_container",
     "quant.emission.range_form",
     "quant.emission.twin_form",
+    "quant.compensate.quantized_inputs",
     "mixed.subset",
     "mixed.metric",
 })
@@ -385,6 +386,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     inp, out = Path(args.model), Path(args.output)
     files = [out] + ([Path(args.plan_out)] if args.plan_out else [])
+    if args.plan_out and not args.plan and _config_from(args).quant.compensate.any:
+        files.append(weights_path(args.plan_out))  # the compensated codes beside the plan
     outputs = _check_outputs(inp, files, [Path(args.report)] if args.report else [])
     config = _config_from(args)
     if not args.plan and not args.calib:
@@ -401,7 +404,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 if container is not None:  # an explicit flag overrides the plan's choice
                     plan = dataclasses.replace(plan, emission=dataclasses.replace(
                         plan.emission, weight_container=WeightContainer(container)))
-                qmodel = emit_from_plan(source, plan).model
+                weights = CompensatedWeights.load(weights_path(args.plan)) if plan.weights_digest else None
+                emitted = emit_from_plan(source, plan, weights)
+                qmodel = emitted.model
+                for note in emitted.rederived:
+                    lines.append(f"note: {note}")
             except PlanError as e:  # name the plan file
                 raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
             validation = (validate_against(qmodel, source, eval_ds, config.runtime, progress=progress)
@@ -417,6 +424,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         write_report(Path(args.report), result)
     if result is not None and args.plan_out:
+        if result.weights is not None:
+            result.weights.save(weights_path(args.plan_out))
         write_text_atomic(args.plan_out, plan.to_json() + "\n")
     save_model(qmodel, out)
     lines.extend(outputs.lines())
@@ -426,7 +435,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         lines.append(f"quantized model written to {out} ({len(plan.layers)} layers, "
                      f"avg weight bits {plan.avg_weight_bits:.2f}, avg activation bits {plan.avg_activation_bits:.2f})")
         if args.plan_out:
-            lines.append(f"plan written to {args.plan_out}")
+            lines.append(f"plan written to {args.plan_out}" + (f" (compensated codes in {weights_path(args.plan_out)})"
+                                                               if result.weights is not None else ""))
         if args.report:
             lines.append(f"report written to {args.report}")
         lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items()))
@@ -552,6 +562,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight codes in the model: auto = int8 where every code is within +-64, else uint8 + 128, "
                         f"exact on every CPU; int8 = int8 everywhere (fastest on VNNI/ARM CPUs, saturates on x86 AVX2 "
                         f"without VNNI) (default: {q.emission.weight_container.value})")
+    c = q.compensate
+    g = s.add_argument_group("error compensation (each part kept per layer only where it lowers the layer's output error)")
+    on_off = lambda v: "on" if v else "off"  # noqa: E731
+    g.add_argument("--gptq", dest="quant.compensate.gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"GPTQ-style weight rounding with the input Gram matrix (default: {on_off(c.gptq)})")
+    g.add_argument("--act-compensation", dest="quant.compensate.activation", action=argparse.BooleanOptionalAction,
+                   default=None, help=f"ridge-fit each weight to map the quantized input to the float output, then "
+                                      f"GPTQ-round it (default: {on_off(c.activation)})")
+    g.add_argument("--bias-correction", dest="quant.compensate.bias", action=argparse.BooleanOptionalAction,
+                   default=None, help=f"fold each layer's mean output error into its bias (default: {on_off(c.bias)})")
+    g.add_argument("--gptq-damp", dest="quant.compensate.damp", type=float, default=None, metavar="F",
+                   help=f"GPTQ damping, relative to the mean diagonal of X^T X (default: {c.damp})")
+    g.add_argument("--ridge", dest="quant.compensate.ridge", type=float, default=None, metavar="F",
+                   help=f"activation compensation's ridge penalty, relative to the mean diagonal of Q(X)^T Q(X) "
+                        f"(default: {c.ridge})")
     g = s.add_argument_group("SQ-b smoothing")
     g.add_argument("--no-sqb", dest="smooth.enabled", action="store_const", const=False, default=None,
                    help="disable SQ-b smoothing (default: enabled)")

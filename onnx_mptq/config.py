@@ -227,6 +227,33 @@ class EmissionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompensateConfig:
+    """Closed-form error compensation between the scale search and emission (search/compensate.py):
+    each part is kept per layer only where it lowers the layer's output error on its calibration rows."""
+
+    gptq: bool = False  # GPTQ-style rounding with H = X^T X + damp mean(diag) I
+    activation: bool = False  # ridge W' on the quantized input (penalty ridge mean(diag Xq^T Xq)), GPTQ-rounded
+    bias: bool = False  # fold the mean output error into the bias
+    damp: float = 0.01  # GPTQ damping, relative to the mean diagonal of H
+    ridge: float = 0.1  # ridge penalty, relative to the mean diagonal of Xq^T Xq
+    # activation / bias: Xq from the inputs the quantized network produces (upstream layers
+    # quantized, nearest rounding), not from the layer's float inputs
+    quantized_inputs: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("gptq", "activation", "bias", "quantized_inputs"):
+            _check(isinstance(getattr(self, f), bool), f"quant.compensate.{f}", "must be true or false", getattr(self, f))
+        for f in ("damp", "ridge"):
+            v = getattr(self, f)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                   f"quant.compensate.{f}", "must be a finite number > 0", v)
+
+    @property
+    def any(self) -> bool:
+        return self.gptq or self.activation or self.bias
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
@@ -235,6 +262,7 @@ class QuantConfig:
     search: ScaleSearchConfig = dataclasses.field(default_factory=ScaleSearchConfig)
     optm: OptmConfig = dataclasses.field(default_factory=OptmConfig)
     emission: EmissionConfig = dataclasses.field(default_factory=EmissionConfig)
+    compensate: CompensateConfig = dataclasses.field(default_factory=CompensateConfig)
 
     def __post_init__(self) -> None:
         _sections(self, "quant.")

@@ -2,7 +2,7 @@
 
 export -> load + preflight -> analyse -> calibrate (float stats) -> SQ-b smooth + fold ->
 capture layer inputs (smoothed graph) -> [bit allocation] -> scale search (+ OPT-m choice) ->
-emit QDQ -> validate against the FP32 model [-> per-layer measurements for a report].
+[error compensation] -> emit QDQ -> validate against the FP32 model [-> per-layer measurements for a report].
 
 Stages are plain functions handing typed records to each other; this module wires them and
 returns them as one :class:`QuantizeResult`. It writes nothing: the CLI (``cli.py``) maps files
@@ -30,11 +30,12 @@ from .data import check_shapes_fit
 from .errors import DataError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
 from .graph.io import graph_digest, load_model
-from .plan import QuantPlan, SmoothingPlan
+from .plan import CompensatedWeights, QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
     from .passes.emit_qdq import EmitReport, EmitResult
     from .passes.smooth import SmoothReport
+    from .search.compensate import CompensationResult
     from .search.mixed import AllocationResult
     from .search.optm import TwinSelection
     from .validate import EvaluationReport
@@ -97,6 +98,8 @@ class QuantizeResult:
     sizes: ModelSizes | None = None
     layers: tuple[LayerMeasure, ...] = ()  # in plan order; SQNR only with ``measure=True``
     fp32: EvaluationReport | None = None  # the FP32 model on the eval data (``measure=True``)
+    weights: CompensatedWeights | None = None  # the compensated codes the plan's layers read (write them beside it)
+    compensation: CompensationResult | None = None  # when error compensation ran
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -225,7 +228,19 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
-    emitted = emit_qdq(work, plan, analysis)
+    weights = None
+    compensation = None
+    if config.quant.compensate.any:
+        from .search.compensate import compensate
+
+        t = time.perf_counter()
+        captured_q = quantized_inputs(work, plan, analysis, data, config, progress=show)
+        compensation = compensate(work, analysis, captured, plan, config.quant.compensate, captured_q=captured_q,
+                                  progress=show)
+        plan, weights = compensation.plan, compensation.weights
+        timings["compensate_s"] = time.perf_counter() - t
+
+    emitted = emit_qdq(work, plan, analysis, weights)
     qmodel, ereport = emitted.model, emitted.report
     eval_ds = None
     validation = None
@@ -248,7 +263,25 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     timings["total_s"] = time.perf_counter() - t0
     sizes = ModelSizes(source.ByteSize() / 1e6, qmodel.ByteSize() / 1e6, packed_size_mb(plan, work))
     return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection,
-                          sizes=sizes, layers=layers, fp32=fp32)
+                          sizes=sizes, layers=layers, fp32=fp32, weights=weights, compensation=compensation)
+
+
+def quantized_inputs(work: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis, data: Any, config: Config, *,
+                     progress: bool = False):
+    """The weight units' inputs as the quantized network (``plan`` emitted with nearest rounding)
+    produces them, for error compensation; None where compensation does not need them
+    (``quant.compensate.quantized_inputs`` off, or only GPTQ). The rows are the same tokens as the
+    float capture's (the capture samples by the seed, the data and its order only)."""
+    from .calibrate.capture import capture_unit_inputs
+    from .passes.emit_qdq import emit_qdq
+
+    c = config.quant.compensate
+    if not (c.quantized_inputs and (c.activation or c.bias)):
+        return None
+    qmodel = emit_qdq(work, plan, analysis).model
+    sub = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.weight is not None))
+    return capture_unit_inputs(qmodel, sub, data, config.runtime, tokens_per_layer=config.capture.tokens_per_layer,
+                               seed=config.seed, progress=progress)
 
 
 def _layer_measures(plan: QuantPlan, analysis: ModelAnalysis) -> tuple[LayerMeasure, ...]:
@@ -284,9 +317,11 @@ def packed_size_mb(plan: QuantPlan, model: onnx.ModelProto) -> float:
     return (wbits / 8 + 4 * channels + 4 * max(floats - welems, 0)) / 1e6
 
 
-def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> EmitResult:
+def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
+                   weights: CompensatedWeights | None = None) -> EmitResult:
     """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data: a
-    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written)."""
+    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written;
+    ``weights``: the compensated codes, needed when the plan has compensated layers)."""
     from .passes.emit_qdq import emit_qdq
     from .passes.smooth import apply_smoothing
 
@@ -307,7 +342,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) 
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return emit_qdq(work, plan, analysis)
+    return emit_qdq(work, plan, analysis, weights)
 
 
 def _eval_source(data: Any, reference: onnx.ModelProto, batch_size: int):
