@@ -30,6 +30,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    CompensateInputs,
     Config,
     OptmSelect,
     Pin,
@@ -61,7 +62,7 @@ CONFIG_FILE_ONLY = frozenset({
     "quant.emission.symmetric_container",
     "quant.emission.range_form",
     "quant.emission.twin_form",
-    "quant.compensate.quantized_inputs",
+    "quant.compensate.samples",
     "mixed.subset",
     "mixed.metric",
 })
@@ -565,13 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = q.compensate
     g = s.add_argument_group("error compensation (each part kept per layer only where it lowers the layer's output error)")
     on_off = lambda v: "on" if v else "off"  # noqa: E731
-    g.add_argument("--gptq", dest="quant.compensate.gptq", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"GPTQ-style weight rounding with the input Gram matrix (default: {on_off(c.gptq)})")
-    g.add_argument("--act-compensation", dest="quant.compensate.activation", action=argparse.BooleanOptionalAction,
-                   default=None, help=f"ridge-fit each weight to map the quantized input to the float output, then "
-                                      f"GPTQ-round it (default: {on_off(c.activation)})")
-    g.add_argument("--bias-correction", dest="quant.compensate.bias", action=argparse.BooleanOptionalAction,
-                   default=None, help=f"fold each layer's mean output error into its bias (default: {on_off(c.bias)})")
+    for dest, flag, what in (("gptq", "gptq", "GPTQ-style weight rounding with the input Gram matrix"),
+                             ("activation", "act-compensation", "ridge-fit each weight to map the quantized input to "
+                                                                "the float output, then GPTQ-round it"),
+                             ("bias", "bias-correction", "fold each layer's mean output error into its bias")):
+        on = getattr(c, dest)  # the flag turns the part away from its default
+        g.add_argument(f"--{'no-' if on else ''}{flag}", dest=f"quant.compensate.{dest}", action="store_const",
+                       const=not on, default=None, help=f"{'disable' if on else 'enable'} {what} (default: {on_off(on)})")
+    g.add_argument("--compensate-inputs", dest="quant.compensate.inputs", choices=[x.value for x in CompensateInputs],
+                   default=None, help=f"the inputs activation compensation and bias correction fit on: float = each "
+                                      f"layer's float input, quantized; network = the quantized network's, in one "
+                                      f"capture; sequential = layer by layer from the network quantized and "
+                                      f"compensated upstream (default: {c.inputs.value})")
     g.add_argument("--gptq-damp", dest="quant.compensate.damp", type=float, default=None, metavar="F",
                    help=f"GPTQ damping, relative to the mean diagonal of X^T X (default: {c.damp})")
     g.add_argument("--ridge", dest="quant.compensate.ridge", type=float, default=None, metavar="F",

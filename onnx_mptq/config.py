@@ -226,6 +226,14 @@ class EmissionConfig:
         return Emission(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
+class CompensateInputs(str, enum.Enum):
+    """The layer inputs ``X~`` whose quantization ``Qa(X~)`` error compensation fits on (search/compensate.py)."""
+
+    FLOAT = "float"  # the float network's inputs to the layer, quantized by the layer's own quantizer
+    NETWORK = "network"  # one capture of the whole quantized network (nearest rounding, nothing compensated)
+    SEQUENTIAL = "sequential"  # layer input by layer input, from the network quantized and compensated upstream
+
+
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig:
     """Closed-form error compensation between the scale search and emission (search/compensate.py):
@@ -236,12 +244,14 @@ class CompensateConfig:
     bias: bool = False  # fold the mean output error into the bias
     damp: float = 0.01  # GPTQ damping, relative to the mean diagonal of H
     ridge: float = 0.1  # ridge penalty, relative to the mean diagonal of Xq^T Xq
-    # activation / bias: Xq from the inputs the quantized network produces (upstream layers
-    # quantized, nearest rounding), not from the layer's float inputs
-    quantized_inputs: bool = False
+    # which inputs Xq the activation compensation and bias correction fit on (CompensateInputs)
+    inputs: CompensateInputs = CompensateInputs.FLOAT
+    samples: int = 64  # calibration samples the sequential captures run (the first ones)
 
     def __post_init__(self) -> None:
-        for f in ("gptq", "activation", "bias", "quantized_inputs"):
+        _enum(self, "inputs", CompensateInputs, "quant.compensate.inputs")
+        _check(_int(self.samples) and self.samples >= 1, "quant.compensate.samples", "must be an integer >= 1", self.samples)
+        for f in ("gptq", "activation", "bias"):
             _check(isinstance(getattr(self, f), bool), f"quant.compensate.{f}", "must be true or false", getattr(self, f))
         for f in ("damp", "ridge"):
             v = getattr(self, f)

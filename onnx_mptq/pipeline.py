@@ -234,9 +234,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         from .search.compensate import compensate
 
         t = time.perf_counter()
-        captured_q = quantized_inputs(work, plan, analysis, data, config, progress=show)
-        compensation = compensate(work, analysis, captured, plan, config.quant.compensate, captured_q=captured_q,
-                                  progress=show)
+        compensation = compensation_stage(work, analysis, captured, plan, data, config, progress=show)
         plan, weights = compensation.plan, compensation.weights
         timings["compensate_s"] = time.perf_counter() - t
 
@@ -266,22 +264,51 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
                           sizes=sizes, layers=layers, fp32=fp32, weights=weights, compensation=compensation)
 
 
-def quantized_inputs(work: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis, data: Any, config: Config, *,
-                     progress: bool = False):
-    """The weight units' inputs as the quantized network (``plan`` emitted with nearest rounding)
-    produces them, for error compensation; None where compensation does not need them
-    (``quant.compensate.quantized_inputs`` off, or only GPTQ). The rows are the same tokens as the
-    float capture's (the capture samples by the seed, the data and its order only)."""
+def compensation_stage(work: onnx.ModelProto, analysis: ModelAnalysis, captured: Any, plan: QuantPlan, data: Any,
+                       config: Config, *, progress: bool = False) -> CompensationResult:
+    """Error compensation of ``plan`` (:func:`onnx_mptq.search.compensate.compensate`) with the
+    inputs ``quant.compensate.inputs`` names: ``float``: the captured float rows; ``network``: the
+    rows of the plan emitted with nearest rounding, captured once; ``sequential``: per group of
+    units, the rows of the model quantized (and compensated) upstream of them, captured on the
+    first ``quant.compensate.samples`` calibration samples, paired with the float rows of the
+    same samples. Captures sample rows by the seed, the data and its order only, so two captures
+    of one data subset keep the same tokens."""
     from .calibrate.capture import capture_unit_inputs
+    from .config import CompensateInputs
     from .passes.emit_qdq import emit_qdq
+    from .search.compensate import compensate
 
     c = config.quant.compensate
-    if not (c.quantized_inputs and (c.activation or c.bias)):
-        return None
-    qmodel = emit_qdq(work, plan, analysis).model
-    sub = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.weight is not None))
-    return capture_unit_inputs(qmodel, sub, data, config.runtime, tokens_per_layer=config.capture.tokens_per_layer,
-                               seed=config.seed, progress=progress)
+    weighted = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.weight is not None))
+    kw = dict(tokens_per_layer=config.capture.tokens_per_layer, seed=config.seed, progress=False)
+    fits_inputs = c.activation or c.bias
+    if not fits_inputs or c.inputs is CompensateInputs.FLOAT:
+        return compensate(work, analysis, captured, plan, c, progress=progress)
+    if c.inputs is CompensateInputs.NETWORK:
+        qmodel = emit_qdq(work, plan, analysis).model
+        captured_q = capture_unit_inputs(qmodel, weighted, data, config.runtime, **kw)
+        return compensate(work, analysis, captured, plan, c, captured_q=captured_q, progress=progress)
+    subset = _first_batches(data, c.samples)
+    floats = capture_unit_inputs(work, weighted, subset, config.runtime, **kw)
+
+    def network(partial: QuantPlan, weights: CompensatedWeights | None, units: tuple[str, ...]):
+        qmodel = emit_qdq(work, partial, analysis, weights).model
+        only = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.name in units))
+        return capture_unit_inputs(qmodel, only, subset, config.runtime, **kw)
+
+    return compensate(work, analysis, floats, plan, c, network=network, progress=progress)
+
+
+def _first_batches(data: Any, samples: int) -> list:
+    """The first batches of ``data`` holding at least ``samples`` samples (or all of them)."""
+    out, n = [], 0
+    for batch in data:
+        out.append(batch)
+        inputs = getattr(batch, "inputs", batch)
+        n += len(next(iter(inputs.values())))
+        if n >= samples:
+            break
+    return out
 
 
 def _layer_measures(plan: QuantPlan, analysis: ModelAnalysis) -> tuple[LayerMeasure, ...]:

@@ -204,3 +204,35 @@ def test_cli_writes_the_weights_file_and_reemits_from_it(tmp_path: Path, capsys)
     assert main(["quantize", str(model), "-o", str(tmp_path / "x.onnx"), "--plan", str(plan), "--providers", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plan.weights.npz" in err[0] and not (tmp_path / "x.onnx").exists()
+
+
+def test_sequential_inputs_come_from_the_network_quantized_upstream(compensated) -> None:
+    from onnx_mptq.calibrate.capture import capture_unit_inputs
+    from onnx_mptq.config import CompensateInputs
+    from onnx_mptq.pipeline import compensation_stage
+
+    sc, plan, _ = compensated
+    order = [u.name for u in sc.an.units]
+    calls = []
+
+    def network(partial, weights, units):
+        first = min(order.index(u) for u in units)
+        assert [lp.unit for lp in partial.layers] == [u for u in order[:first] if u in {x.unit for x in plan.layers}]
+        compensated_upstream = [lp.unit for lp in partial.layers if lp.compensation is not None]
+        assert (weights is None) == (not compensated_upstream)
+        q = emit_qdq(sc.work, partial, sc.an, weights).model  # the partial plan is a valid plan
+        only = dataclasses.replace(sc.an, units=tuple(u for u in sc.an.units if u.name in units))
+        got = capture_unit_inputs(q, only, sc.data, Config().runtime, tokens_per_layer=256, progress=False)
+        for u in units:  # the same tokens as the float capture, changed by the upstream quantizers
+            a, b = sc.cap[u].rows, got[u].rows
+            assert a.shape == b.shape and not np.array_equal(a, b)
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+        calls.append(units)
+        return got
+
+    res = compensate(sc.work, sc.an, sc.cap, plan, CompensateConfig(activation=True), network=network)
+    assert len(calls) >= 4 and res.weights is not None  # every group of Linears after the patch embedding
+    cfg = Config(quant=QuantConfig(w_bits=4, a_bits=4, compensate=CompensateConfig(
+        activation=True, inputs=CompensateInputs.SEQUENTIAL, samples=16)))
+    staged = compensation_stage(sc.work, sc.an, sc.cap, plan, sc.data, cfg)
+    assert staged.weights is not None and emit_qdq(sc.work, staged.plan, sc.an, staged.weights).model is not None

@@ -53,8 +53,7 @@ def run(model_path: Path, calib_p: Path, eval_p: Path, bits: int, rows: list[str
     from onnx_mptq.graph.analysis import analyze, prepare
     from onnx_mptq.graph.io import graph_digest, load_model
     from onnx_mptq.passes.emit_qdq import emit_qdq
-    from onnx_mptq.pipeline import quantized_inputs, smooth, validate_against
-    from onnx_mptq.search.compensate import compensate
+    from onnx_mptq.pipeline import compensation_stage, smooth, validate_against
     from onnx_mptq.search.scales import search_scales
 
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits), runtime=RuntimeConfig(providers=Providers.CPU))
@@ -85,9 +84,8 @@ def run(model_path: Path, calib_p: Path, eval_p: Path, bits: int, rows: list[str
             continue
         ccfg = CompensateConfig(**(parts | base_cfg))
         t = time.perf_counter()
-        cq = quantized_inputs(work, base, analysis, data, dataclasses.replace(
-            cfg, quant=dataclasses.replace(cfg.quant, compensate=ccfg))) if ccfg.any else None
-        res = compensate(work, analysis, captured, base, ccfg, captured_q=cq) if ccfg.any else None
+        ccfg_all = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, compensate=ccfg))
+        res = compensation_stage(work, analysis, captured, base, data, ccfg_all) if ccfg.any else None
         t_comp = time.perf_counter() - t
         t = time.perf_counter()
         emitted = emit_qdq(work, res.plan if res else base, analysis, res.weights if res else None)
@@ -130,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-eval", type=int, default=None)
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--ridge", type=float, default=None)
+    ap.add_argument("--inputs", default=None, help="quant.compensate.inputs: float, network, sequential")
     ap.add_argument("--json", type=Path, default=None, help="append the results here, one JSON line each")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    base_cfg = {k: v for k, v in (("damp", args.damp), ("ridge", args.ridge)) if v is not None}
+    base_cfg = {k: v for k, v in (("damp", args.damp), ("ridge", args.ridge), ("inputs", args.inputs)) if v is not None}
     rows = args.rows.split(",")
     table = []
     for name in args.models.split(","):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -99,43 +100,76 @@ def _compensate_unit(unit: Unit, lp: LayerPlan, x: np.ndarray, w: np.ndarray, cf
     return measured, stored, Compensation(parts, bias=delta is not None, error_nearest=errs[0] / ref, error=err / ref)
 
 
+NetworkInputs = Callable[[QuantPlan, "CompensatedWeights | None", tuple[str, ...]], "CapturedInputs"]
+
+
+def _stages(plan: QuantPlan, analysis: ModelAnalysis, wanted: set[str]) -> list[list[str]]:
+    """The wanted units grouped by the tensor they read (q, k, v share one), in graph order."""
+    by_input: dict[str, list[str]] = {}
+    for u in analysis.units:
+        if u.name in wanted:
+            by_input.setdefault(u.inputs[0], []).append(u.name)
+    return list(by_input.values())
+
+
 def compensate(model: onnx.ModelProto, analysis: ModelAnalysis, captured: CapturedInputs, plan: QuantPlan,
                cfg: CompensateConfig, *, captured_q: CapturedInputs | None = None,
-               progress: bool = False) -> CompensationResult:
+               network: NetworkInputs | None = None, progress: bool = False) -> CompensationResult:
     """``plan`` with its weight units compensated as ``cfg`` enables (module docstring); ``model``
-    is the (smoothed) float graph the plan and the captured inputs belong to; ``captured_q``: the
-    same rows as the quantized network produces them (:func:`onnx_mptq.pipeline.quantized_inputs`),
-    or None to quantize the float rows."""
+    is the (smoothed) float graph the plan and the captured inputs belong to. The quantized
+    inputs ``X~`` (``captured`` holds the float rows ``X``):
+
+    * ``network`` given (sequential): for each group of units reading one tensor, in graph order,
+      ``network(partial_plan, its_weights, units)`` captures the same tokens' inputs from the model
+      with every unit before them quantized as planned so far (compensated ones with their codes);
+    * else ``captured_q`` (the whole quantized network's inputs, :func:`onnx_mptq.pipeline.quantized_inputs`);
+    * else ``X~ = X``."""
     if not cfg.any:
         return CompensationResult(plan, None)
     mw = _ModelWeights(model)
     units = {u.name: u for u in analysis.units}
+    order = {u.name: i for i, u in enumerate(analysis.units)}
     layers = list(plan.layers)
+    index = {lp.unit: i for i, lp in enumerate(layers)}
     stored: dict[str, CompensatedLayer] = {}
     measured: list[LayerCompensation] = []
     notes: list[str] = []
-    todo = [i for i, lp in enumerate(layers) if lp.weight is not None and lp.unit in units and lp.unit in captured]
-    for i in tqdm(todo, desc="compensate", unit="layer", disable=not progress, leave=False):
-        lp = layers[i]
-        unit = units[lp.unit]
-        if unit.op_type == "Gemm" and float(mw.node(unit).attrs.get("alpha", 1.0)) != 1.0:
-            notes.append(f"unit {unit.name}: Gemm with alpha != 1 is not compensated")
-            continue
-        ops = _operands(unit, captured, mw)
-        if ops.x is None or ops.w is None:
-            notes.append(f"unit {unit.name}: no input rows to compensate on ({ops.note or 'not captured'})")
-            continue
-        x_net = None
-        if captured_q is not None and lp.unit in captured_q:
-            x_net = _operands(unit, captured_q, mw).x
-            if x_net is not None and x_net.shape != ops.x.shape:
-                raise ValueError(f"unit {unit.name}: the quantized network's rows {x_net.shape} do not pair with "
-                                 f"the float rows {ops.x.shape}")
-        m, cl, rec = _compensate_unit(unit, lp, ops.x, ops.w, cfg, x_net)
-        measured.append(m)
-        if cl is not None:
-            stored[lp.unit] = cl
-            layers[i] = dataclasses.replace(lp, compensation=rec)
+    todo = {lp.unit for lp in layers if lp.weight is not None and lp.unit in units and lp.unit in captured}
+    stages = _stages(plan, analysis, todo)
+    sequential = network is not None and (cfg.activation or cfg.bias)
+    for stage in tqdm(stages, desc="compensate", unit="stage", disable=not progress, leave=False):
+        net = captured_q
+        if sequential:
+            first = min(order[u] for u in stage)
+            upstream = [lp for lp in layers if lp.unit in order and order[lp.unit] < first]
+            net = None
+            if upstream:
+                sub = {lp.unit: stored[lp.unit] for lp in upstream if lp.unit in stored}
+                w = CompensatedWeights(sub) if sub else None
+                partial = dataclasses.replace(plan, layers=tuple(upstream), weights_digest=w.digest() if w else None)
+                net = network(partial, w, tuple(stage))  # type: ignore[misc]
+        for name in stage:
+            i = index[name]
+            lp = layers[i]
+            unit = units[lp.unit]
+            if unit.op_type == "Gemm" and float(mw.node(unit).attrs.get("alpha", 1.0)) != 1.0:
+                notes.append(f"unit {unit.name}: Gemm with alpha != 1 is not compensated")
+                continue
+            ops = _operands(unit, captured, mw)
+            if ops.x is None or ops.w is None:
+                notes.append(f"unit {unit.name}: no input rows to compensate on ({ops.note or 'not captured'})")
+                continue
+            x_net = None
+            if net is not None and lp.unit in net:
+                x_net = _operands(unit, net, mw).x
+                if x_net is not None and x_net.shape != ops.x.shape:
+                    raise ValueError(f"unit {unit.name}: the quantized network's rows {x_net.shape} do not pair with "
+                                     f"the float rows {ops.x.shape}")
+            m, cl, rec = _compensate_unit(unit, lp, ops.x, ops.w, cfg, x_net)
+            measured.append(m)
+            if cl is not None:
+                stored[lp.unit] = cl
+                layers[i] = dataclasses.replace(lp, compensation=rec)
     if not stored:
         return CompensationResult(plan, None, tuple(measured), tuple(notes))
     weights = CompensatedWeights(stored)
