@@ -405,7 +405,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 if container is not None:  # an explicit flag overrides the plan's choice
                     plan = dataclasses.replace(plan, emission=dataclasses.replace(
                         plan.emission, weight_container=WeightContainer(container)))
-                weights = CompensatedWeights.load(weights_path(args.plan)) if plan.weights_digest else None
+                compensated = any(lp.compensation is not None for lp in plan.layers)
+                weights = CompensatedWeights.load(weights_path(args.plan)) if compensated else None
                 emitted = emit_from_plan(source, plan, weights)
                 qmodel = emitted.model
                 for note in emitted.rederived:

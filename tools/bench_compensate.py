@@ -7,7 +7,11 @@ The models and splits are tools/shared_data.py's (1,000 calibration images, 9,00
 images). Per (model, bits) the pipeline runs once up to the plan (SQ-b, capture, scale search,
 OPT-m choice: the stages of ``onnx_mptq.pipeline.quantize``, in its order and with its config);
 then each row applies the compensation parts cumulatively to that same plan, emits and evaluates
-against the FP32 model. ``conv s`` is the conversion without compensation (analysis to emission),
+against the FP32 model (its logits computed once per model: top-1, top-1 agreement and SQNR over
+all logits as onnx_mptq.validate defines them). Rows (``--rows`` keys): nearest, +gptq,
++act-float (activation compensation on each layer's float input, quantized), +activation (on the
+inputs of the network quantized and compensated upstream: ``quant.compensate.inputs =
+sequential``), +bias. ``conv s`` is the conversion without compensation (analysis to emission),
 ``comp s`` the compensation stage; ``+%`` their ratio.
 """
 
@@ -26,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROWS = (("nearest", dict()),
         ("+gptq", dict(gptq=True)),
-        ("+activation", dict(gptq=True, activation=True)),
-        ("+bias", dict(gptq=True, activation=True, bias=True)))
+        ("+activation (float inputs)", dict(gptq=True, activation=True, inputs="float")),
+        ("+activation", dict(gptq=True, activation=True, inputs="sequential")),
+        ("+bias", dict(gptq=True, activation=True, bias=True, inputs="sequential")))
+ROW_KEYS = {"nearest": "nearest", "+gptq": "+gptq", "+activation (float inputs)": "+act-float",
+            "+activation": "+activation", "+bias": "+bias"}
 
 
 def _data(out: Path, name: str, limit_eval: int | None) -> tuple[Path, Path, Path]:
@@ -46,14 +53,42 @@ def _data(out: Path, name: str, limit_eval: int | None) -> tuple[Path, Path, Pat
     return Path(model), calib_p, eval_p
 
 
-def run(model_path: Path, calib_p: Path, eval_p: Path, bits: int, rows: list[str], base_cfg: dict) -> list[dict]:
+class Eval:
+    """The evaluation split with the FP32 model's logits, computed once."""
+
+    def __init__(self, model_path: Path, eval_p: Path) -> None:
+        from onnx_mptq.graph.io import load_model
+
+        d = dict(np.load(eval_p))
+        self.labels = d.pop("labels", None)
+        self.x = next(iter(d.values()))
+        self.ref = self.logits(load_model(model_path))
+
+    def logits(self, model) -> np.ndarray:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return np.concatenate([sess.run(None, {name: self.x[i:i + 100]})[0] for i in range(0, len(self.x), 100)])
+
+    def metrics(self, model) -> dict:
+        from onnx_mptq.numerics.metrics import sqnr_db
+
+        out = self.logits(model)
+        top1 = None if self.labels is None else float(100 * np.mean(out.argmax(1) == self.labels))
+        return {"top1": top1, "agree": float(100 * np.mean(out.argmax(1) == self.ref.argmax(1))),
+                "sqnr_db": float(sqnr_db(self.ref, out))}
+
+
+def run(model_path: Path, calib_p: Path, ev: Eval, bits: int, rows: list[str], base_cfg: dict, json_path=None,
+        extra: dict | None = None) -> list[dict]:
     from onnx_mptq.calibrate.capture import capture_unit_inputs
     from onnx_mptq.config import CompensateConfig, Config, OptmSelect, Providers, QuantConfig, RuntimeConfig
     from onnx_mptq.data import input_specs, open_data
     from onnx_mptq.graph.analysis import analyze, prepare
     from onnx_mptq.graph.io import graph_digest, load_model
     from onnx_mptq.passes.emit_qdq import emit_qdq
-    from onnx_mptq.pipeline import compensation_stage, smooth, validate_against
+    from onnx_mptq.pipeline import compensation_stage, smooth
     from onnx_mptq.search.scales import search_scales
 
     cfg = Config(quant=QuantConfig(w_bits=bits, a_bits=bits), runtime=RuntimeConfig(providers=Providers.CPU))
@@ -77,12 +112,11 @@ def run(model_path: Path, calib_p: Path, eval_p: Path, bits: int, rows: list[str
         base = select_twins(base, options, make_evaluator(work, analysis, captured, data, cfg), z=cfg.quant.optm.z,
                             progress=False).plan
     t_plan = time.perf_counter() - t0
-    eval_ds = open_data(str(eval_p), specs, batch_size=cfg.runtime.batch_size)
     out = []
     for name, parts in ROWS:
-        if name not in rows:
+        if ROW_KEYS[name] not in rows:
             continue
-        ccfg = CompensateConfig(**(parts | base_cfg))
+        ccfg = CompensateConfig(**(parts | base_cfg))  # type: ignore[arg-type]
         t = time.perf_counter()
         ccfg_all = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, compensate=ccfg))
         res = compensation_stage(work, analysis, captured, base, data, ccfg_all) if ccfg.any else None
@@ -90,29 +124,19 @@ def run(model_path: Path, calib_p: Path, eval_p: Path, bits: int, rows: list[str
         t = time.perf_counter()
         emitted = emit_qdq(work, res.plan if res else base, analysis, res.weights if res else None)
         t_emit = time.perf_counter() - t
-        rep = validate_against(emitted.model, source, eval_ds, cfg.runtime, progress=False)
-        d = rep.to_dict()
+        d = ev.metrics(emitted.model)
         kept: dict[str, int] = {}
         for lc in (res.layers if res else ()):
             for p in lc.kept:
                 kept[p.value] = kept.get(p.value, 0) + 1
-        out.append({"bits": bits, "row": name, "top1": d.get("top1"), "agree": d.get("top1_agreement"),
-                    "sqnr_db": d.get("sqnr_db"), "conv_s": t_plan + t_emit, "comp_s": t_comp,
-                    "layers": len(res.layers) if res else 0, "kept": kept})
+        out.append((extra or {}) | {"bits": bits, "row": name, "top1": d["top1"], "agree": d["agree"],
+                                    "sqnr_db": d["sqnr_db"], "conv_s": t_plan + t_emit, "comp_s": t_comp,
+                                    "layers": len(res.layers) if res else 0, "kept": kept})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+        if json_path:
+            with open(json_path, "a") as f:
+                f.write(json.dumps(out[-1]) + "\n")
     return out
-
-
-def fp32_top1(model_path: Path, eval_p: Path) -> float | None:
-    from onnx_mptq.config import Providers, RuntimeConfig
-    from onnx_mptq.data import input_specs, open_data
-    from onnx_mptq.graph.io import load_model
-    from onnx_mptq.validate import evaluate
-
-    m = load_model(model_path)
-    rep = evaluate(m, open_data(str(eval_p), input_specs(m), batch_size=32), RuntimeConfig(providers=Providers.CPU),
-                   reference=None, latency_batch_size=32, progress=False)
-    return rep.to_dict().get("top1")
 
 
 def _pct(v) -> str:
@@ -123,30 +147,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="cifar10,mnist")
     ap.add_argument("--bits", default="4,8,3,6", help="comma-separated WbAb bit-widths, run in this order")
-    ap.add_argument("--rows", default=",".join(n for n, _ in ROWS))
+    ap.add_argument("--rows", default=",".join(ROW_KEYS.values()), help="comma-separated row keys (default: all)")
     ap.add_argument("--data-dir", type=Path, default=Path("bench_data"))
     ap.add_argument("--limit-eval", type=int, default=None)
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--ridge", type=float, default=None)
-    ap.add_argument("--inputs", default=None, help="quant.compensate.inputs: float, network, sequential")
     ap.add_argument("--json", type=Path, default=None, help="append the results here, one JSON line each")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--table", type=Path, default=None, help="only render the table of a --json file")
     args = ap.parse_args(argv)
+    if args.table:
+        _print_table([json.loads(ln) for ln in args.table.read_text().splitlines() if ln.strip()], args.markdown)
+        return 0
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    base_cfg = {k: v for k, v in (("damp", args.damp), ("ridge", args.ridge), ("inputs", args.inputs)) if v is not None}
+    base_cfg = {k: v for k, v in (("damp", args.damp), ("ridge", args.ridge)) if v is not None}
     rows = args.rows.split(",")
     table = []
     for name in args.models.split(","):
         model, calib_p, eval_p = _data(args.data_dir, name, args.limit_eval)
-        fp = fp32_top1(model, eval_p)
+        ev = Eval(model, eval_p)
+        fp = None if ev.labels is None else float(100 * np.mean(ev.ref.argmax(1) == ev.labels))
         print(json.dumps({"model": name, "fp32_top1": fp}), file=sys.stderr, flush=True)
         for b in (int(x) for x in args.bits.split(",")):
-            for r in run(model, calib_p, eval_p, b, rows, base_cfg):
-                r = r | {"model": name, "fp32_top1": fp}
-                table.append(r)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
+            table.extend(run(model, calib_p, ev, b, rows, base_cfg, args.json, {"model": name, "fp32_top1": fp}))
+    _print_table(table, args.markdown)
+    return 0
+
+
+def _print_table(table: list[dict], markdown: bool) -> None:
     head = ("model", "WbAb", "row", "top-1 %", "FP32 top-1 %", "agree %", "SQNR dB", "conv s", "comp s", "+%", "layers kept")
     lines = []
     for r in table:
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append((r["model"], f"W{r['bits']}A{r['bits']}", r["row"], _pct(r["top1"]), _pct(r["fp32_top1"]),
                       _pct(r["agree"]), f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "",
                       f"{r['conv_s']:.1f}", f"{r['comp_s']:.1f}", f"{100 * r['comp_s'] / r['conv_s']:.0f}", kept))
-    if args.markdown:
+    if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for ln in lines:
@@ -162,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for ln in [head] + lines:
             print("  ".join(str(c) for c in ln))
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ integers, so the DQ feeds the MatMul directly, which ORT's fusion needs); Gemm `
 layout, axis 0 with ``transB=1`` else 1; Conv ``(O, I, kh, kw)``, axis 0. Zero points are int8
 zeros, or uint8 128 for weights whose codes exceed +-64 ("Weights on CPUs without VNNI"). The float initializer disappears unless another node still reads it.
 
+Compensated layers (``LayerPlan.compensation``, :mod:`onnx_mptq.search.compensate`): the integer
+codes are the plan's stored ones (:class:`onnx_mptq.plan.CompensatedWeights`, given to
+:func:`emit_qdq` and checked against ``plan.weights_digest``), laid out as the node reads them, in
+the same int8 / uint8 + 128 containers; a stored bias correction ``delta`` is added to the
+layer's constant bias (Conv ``B``, Gemm ``C`` as ``delta / beta``, the Add after a MatMul) or, where
+it has none, becomes one (Conv ``B``, Gemm ``C``, ``Add(MatMul, delta)``). A compensated layer whose
+weight bits or scales were edited is emitted by nearest rounding without its correction, with a
+note (:func:`onnx_mptq.plan.layer_weight`).
+
 Activations, per tensor (one Q/DQ group per (tensor, quantizer), shared by every unit that reads
 the tensor with the same quantizer)::
 

@@ -1,10 +1,13 @@
 """Closed-form error compensation: a pass between the scale search and emission.
 
 For every planned unit with a weight (Linears and the patch-embedding Conv through its im2col
-rows), on the captured calibration rows ``X`` of its float input and ``Xq = Qa(X~)``, the layer's planned input quantizer on the
-same tokens' input ``X~`` *as the quantized network produces it* (the plan emitted with nearest
-rounding, every layer quantized at once rather than block by block: the inputs do not see the
-compensation of the layers upstream; with ``quant.compensate.quantized_inputs`` off ``X~ = X``) --
+rows), on the captured calibration rows ``X`` of its float input and ``Xq = Qa(X~)``, the layer's
+planned input quantizer on the same tokens' input ``X~`` as ``quant.compensate.inputs`` says
+(:class:`~onnx_mptq.config.CompensateInputs`): ``float``, ``X~ = X`` (upstream quantization error
+is not seen); ``network``, the whole network quantized with nearest rounding (each layer then
+also corrects upstream errors that the upstream layers correct themselves); ``sequential``, the
+network quantized *and compensated* upstream of the layer, captured group by group of layers
+reading one tensor (:func:`onnx_mptq.pipeline.compensation_stage`) --
 with the searched per-output-channel steps kept as they are, it measures the output error
 ``E = ||X W - Xq W_hat||^2`` (:func:`onnx_mptq.numerics.compensate.output_error`) of:
 
