@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help=f"the inputs activation compensation and bias correction fit on: float = each "
                                       f"layer's float input, quantized; network = the quantized network's, in one "
                                       f"capture; sequential = layer by layer from the network quantized and "
-                                      f"compensated upstream (default: {c.inputs.value})")
+                                      f"compensated upstream; blocks = the same, block by block "
+                                      f"(default: {c.inputs.value})")
     g.add_argument("--gptq-damp", dest="quant.compensate.damp", type=float, default=None, metavar="F",
                    help=f"GPTQ damping, relative to the mean diagonal of X^T X (default: {c.damp})")
     g.add_argument("--ridge", dest="quant.compensate.ridge", type=float, default=None, metavar="F",

@@ -232,6 +232,7 @@ class CompensateInputs(str, enum.Enum):
     FLOAT = "float"  # the float network's inputs to the layer, quantized by the layer's own quantizer
     NETWORK = "network"  # one capture of the whole quantized network (nearest rounding, nothing compensated)
     SEQUENTIAL = "sequential"  # layer input by layer input, from the network quantized and compensated upstream
+    BLOCKS = "blocks"  # as sequential, one capture per transformer block (its own earlier layers left in float)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,8 +268,9 @@ def compensation_stage(work: onnx.ModelProto, analysis: ModelAnalysis, captured:
                        config: Config, *, progress: bool = False) -> CompensationResult:
     """Error compensation of ``plan`` (:func:`onnx_mptq.search.compensate.compensate`) with the
     inputs ``quant.compensate.inputs`` names: ``float``: the captured float rows; ``network``: the
-    rows of the plan emitted with nearest rounding, captured once; ``sequential``: per group of
-    units, the rows of the model quantized (and compensated) upstream of them, captured on the
+    rows of the plan emitted with nearest rounding, captured once; ``sequential`` / ``blocks``: per
+    group of units reading one tensor / per transformer block, the rows of the model quantized (and
+    compensated) upstream of them, captured on the
     first ``quant.compensate.samples`` calibration samples, paired with the float rows of the
     same samples. Captures sample rows by the seed, the data and its order only, so two captures
     of one data subset keep the same tokens."""
@@ -296,7 +297,8 @@ def compensation_stage(work: onnx.ModelProto, analysis: ModelAnalysis, captured:
         only = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.name in units))
         return capture_unit_inputs(qmodel, only, subset, config.runtime, **kw)
 
-    return compensate(work, analysis, floats, plan, c, network=network, progress=progress)
+    return compensate(work, analysis, floats, plan, c, network=network, by_block=c.inputs is CompensateInputs.BLOCKS,
+                      progress=progress)
 
 
 def _first_batches(data: Any, samples: int) -> list:

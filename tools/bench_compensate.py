@@ -9,7 +9,9 @@ OPT-m choice: the stages of ``onnx_mptq.pipeline.quantize``, in its order and wi
 then each row applies the compensation parts cumulatively to that same plan, emits and evaluates
 against the FP32 model (its logits computed once per model: top-1, top-1 agreement and SQNR over
 all logits as onnx_mptq.validate defines them). Rows (``--rows`` keys): nearest, +gptq,
-+act-float (activation compensation on each layer's float input, quantized), +activation (on the
++act-float (activation compensation on each layer's float input, quantized), +act-blocks (on the
+inputs of the network quantized and compensated upstream, captured block by block:
+``quant.compensate.inputs = blocks``), +activation (on the
 inputs of the network quantized and compensated upstream: ``quant.compensate.inputs =
 sequential``), +bias. ``conv s`` is the conversion without compensation (analysis to emission),
 ``comp s`` the compensation stage; ``+%`` their ratio.
@@ -31,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROWS = (("nearest", dict()),
         ("+gptq", dict(gptq=True)),
         ("+activation (float inputs)", dict(gptq=True, activation=True, inputs="float")),
+        ("+activation (block inputs)", dict(gptq=True, activation=True, inputs="blocks")),
         ("+activation", dict(gptq=True, activation=True, inputs="sequential")),
         ("+bias", dict(gptq=True, activation=True, bias=True, inputs="sequential")))
 ROW_KEYS = {"nearest": "nearest", "+gptq": "+gptq", "+activation (float inputs)": "+act-float",
+            "+activation (block inputs)": "+act-blocks",
             "+activation": "+activation", "+bias": "+bias"}
 
 

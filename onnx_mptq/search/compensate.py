@@ -106,25 +106,29 @@ def _compensate_unit(unit: Unit, lp: LayerPlan, x: np.ndarray, w: np.ndarray, cf
 NetworkInputs = Callable[[QuantPlan, "CompensatedWeights | None", tuple[str, ...]], "CapturedInputs"]
 
 
-def _stages(plan: QuantPlan, analysis: ModelAnalysis, wanted: set[str]) -> list[list[str]]:
-    """The wanted units grouped by the tensor they read (q, k, v share one), in graph order."""
-    by_input: dict[str, list[str]] = {}
+def _stages(analysis: ModelAnalysis, wanted: set[str], blocks: bool) -> list[list[str]]:
+    """The wanted units grouped by the tensor they read (q, k, v share one) or, with ``blocks``, by
+    transformer block (units outside a block by tensor), in graph order."""
+    groups: dict[object, list[str]] = {}
     for u in analysis.units:
         if u.name in wanted:
-            by_input.setdefault(u.inputs[0], []).append(u.name)
-    return list(by_input.values())
+            key = ("block", u.block) if blocks and u.block is not None else ("tensor", u.inputs[0])
+            groups.setdefault(key, []).append(u.name)
+    return list(groups.values())
 
 
 def compensate(model: onnx.ModelProto, analysis: ModelAnalysis, captured: CapturedInputs, plan: QuantPlan,
                cfg: CompensateConfig, *, captured_q: CapturedInputs | None = None,
-               network: NetworkInputs | None = None, progress: bool = False) -> CompensationResult:
+               network: NetworkInputs | None = None, by_block: bool = False,
+               progress: bool = False) -> CompensationResult:
     """``plan`` with its weight units compensated as ``cfg`` enables (module docstring); ``model``
     is the (smoothed) float graph the plan and the captured inputs belong to. The quantized
     inputs ``X~`` (``captured`` holds the float rows ``X``):
 
-    * ``network`` given (sequential): for each group of units reading one tensor, in graph order,
-      ``network(partial_plan, its_weights, units)`` captures the same tokens' inputs from the model
-      with every unit before them quantized as planned so far (compensated ones with their codes);
+    * ``network`` given (sequential): for each group of units reading one tensor (with
+      ``by_block``: each transformer block), in graph order, ``network(partial_plan, its_weights,
+      units)`` captures the same tokens' inputs from the model with every unit before the group
+      quantized as planned so far (compensated ones with their codes), the group itself in float;
     * else ``captured_q`` (the whole quantized network's inputs, :func:`onnx_mptq.pipeline.quantized_inputs`);
     * else ``X~ = X``."""
     if not cfg.any:
@@ -138,7 +142,7 @@ def compensate(model: onnx.ModelProto, analysis: ModelAnalysis, captured: Captur
     measured: list[LayerCompensation] = []
     notes: list[str] = []
     todo = {lp.unit for lp in layers if lp.weight is not None and lp.unit in units and lp.unit in captured}
-    stages = _stages(plan, analysis, todo)
+    stages = _stages(analysis, todo, by_block)
     sequential = network is not None and (cfg.activation or cfg.bias)
     for stage in tqdm(stages, desc="compensate", unit="stage", disable=not progress, leave=False):
         net = captured_q
