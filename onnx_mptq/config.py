@@ -240,6 +240,9 @@ class CompensateConfig:
     """Closed-form error compensation between the scale search and emission (search/compensate.py):
     each part is kept per layer only where it lowers the layer's output error on its calibration rows."""
 
+    # off by default for now: BENCHMARKS.md "Error compensation (issue 15)" measures GPTQ and
+    # activation compensation (float inputs) better in SQNR on both real models, but turning them
+    # on changes what every caller of emit_from_plan must pass (the plan's CompensatedWeights)
     gptq: bool = False  # GPTQ-style rounding with H = X^T X + damp mean(diag) I
     activation: bool = False  # ridge W' on the quantized input (penalty ridge mean(diag Xq^T Xq)), GPTQ-rounded
     bias: bool = False  # fold the mean output error into the bias

@@ -511,6 +511,7 @@ class CompensatedWeights:
                 arrays[f"bias_{i}"] = cl.bias.astype(np.float32)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         tmp.write_bytes(buf.getvalue())

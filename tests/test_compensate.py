@@ -88,6 +88,16 @@ def test_bias_correction_zeroes_the_mean_error() -> None:
     assert error_with_bias(g, w, w_hat, delta) == pytest.approx(np.sum(err ** 2), rel=1e-6)
 
 
+def test_cli_flags_turn_each_part_away_from_its_default() -> None:
+    from onnx_mptq.cli import _config_from, build_parser
+
+    args = build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--gptq", "--act-compensation",
+                                      "--bias-correction", "--compensate-inputs", "blocks", "--ridge", "0.5"])
+    c = _config_from(args).quant.compensate
+    assert (c.gptq, c.activation, c.bias, c.inputs.value, c.ridge) == (True, True, True, "blocks", 0.5)
+    assert not dataclasses.replace(c, gptq=False, activation=False, bias=False).any
+
+
 def test_config_checks_the_section() -> None:
     with pytest.raises(ConfigError, match="quant.compensate.ridge"):
         CompensateConfig(ridge=0)
@@ -191,16 +201,16 @@ def test_cli_writes_the_weights_file_and_reemits_from_it(tmp_path: Path, capsys)
     onnx.save(tiny_vit(blocks=1), model)
     calib = tmp_path / "c.npz"
     np.savez(calib, input=random_images(16))
-    q, plan, again = tmp_path / "q.onnx", tmp_path / "plan.json", tmp_path / "again.onnx"
+    q, plan, again = tmp_path / "q.onnx", tmp_path / "new" / "plan.json", tmp_path / "again.onnx"
     assert main(["quantize", str(model), "-o", str(q), "--calib", str(calib), "--plan-out", str(plan), "--w-bits", "4",
                  "--a-bits", "4", "--gptq", "--act-compensation", "--bias-correction", "--providers", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert f"compensated codes in {tmp_path / 'plan.weights.npz'}" in out
+    assert f"compensated codes in {tmp_path / 'new' / 'plan.weights.npz'}" in out
     doc = json.loads(plan.read_text())
     assert doc["weights_digest"] and any(lp["compensation"] for lp in doc["layers"])
     assert main(["quantize", str(model), "-o", str(again), "--plan", str(plan), "--providers", "cpu"]) == 0
     assert again.read_bytes() == q.read_bytes()
-    (tmp_path / "plan.weights.npz").unlink()
+    (tmp_path / "new" / "plan.weights.npz").unlink()
     assert main(["quantize", str(model), "-o", str(tmp_path / "x.onnx"), "--plan", str(plan), "--providers", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plan.weights.npz" in err[0] and not (tmp_path / "x.onnx").exists()

@@ -13,7 +13,7 @@ all logits as onnx_mptq.validate defines them). Rows (``--rows`` keys): nearest,
 inputs of the network quantized and compensated upstream, captured block by block:
 ``quant.compensate.inputs = blocks``), +activation (on the
 inputs of the network quantized and compensated upstream: ``quant.compensate.inputs =
-sequential``), +bias. ``conv s`` is the conversion without compensation (analysis to emission),
+sequential``), +bias (bias correction on top of +activation), +bias-float (on top of +act-float). ``conv s`` is the conversion without compensation (analysis to emission),
 ``comp s`` the compensation stage; ``+%`` their ratio.
 """
 
@@ -35,10 +35,11 @@ ROWS = (("nearest", dict()),
         ("+activation (float inputs)", dict(gptq=True, activation=True, inputs="float")),
         ("+activation (block inputs)", dict(gptq=True, activation=True, inputs="blocks")),
         ("+activation", dict(gptq=True, activation=True, inputs="sequential")),
-        ("+bias", dict(gptq=True, activation=True, bias=True, inputs="sequential")))
+        ("+bias", dict(gptq=True, activation=True, bias=True, inputs="sequential")),
+        ("+bias (float inputs)", dict(gptq=True, activation=True, bias=True, inputs="float")))
 ROW_KEYS = {"nearest": "nearest", "+gptq": "+gptq", "+activation (float inputs)": "+act-float",
             "+activation (block inputs)": "+act-blocks",
-            "+activation": "+activation", "+bias": "+bias"}
+            "+activation": "+activation", "+bias": "+bias", "+bias (float inputs)": "+bias-float"}
 
 
 def _data(out: Path, name: str, limit_eval: int | None) -> tuple[Path, Path, Path]:
