@@ -30,6 +30,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    CompensateInputs,
     Config,
     OptmSelect,
     Pin,
@@ -39,7 +40,7 @@ from .config import (
     leaf_paths,
 )
 from .errors import ConfigError, DataError, MptqError, OutputError, PlanError, UnsupportedModelError
-from .plan import WeightContainer, WeightStorage
+from .plan import CompensatedWeights, WeightContainer, WeightStorage, weights_path
 
 log = logging.getLogger("onnx_mptq")
 
@@ -61,6 +62,7 @@ CONFIG_FILE_ONLY = frozenset({
     "quant.emission.symmetric_container",
     "quant.emission.range_form",
     "quant.emission.twin_form",
+    "quant.compensate.samples",
     "mixed.subset",
     "mixed.metric",
 })
@@ -403,6 +405,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     inp, out = Path(args.model), Path(args.output)
     files = [out] + ([Path(args.plan_out)] if args.plan_out else [])
+    if args.plan_out and not args.plan and _config_from(args).quant.compensate.any:
+        files.append(weights_path(args.plan_out))  # the compensated codes beside the plan
     outputs = _check_outputs(inp, files, [Path(args.report)] if args.report else [])
     config = _config_from(args)
     if not args.plan and not args.calib:
@@ -417,8 +421,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             plan = _read_plan(Path(args.plan))
             try:
                 plan = _plan_with_flags(plan, args)
-                emitted = emit_from_plan(source, plan)
+                compensated = any(lp.compensation is not None for lp in plan.layers)
+                weights = CompensatedWeights.load(weights_path(args.plan)) if compensated else None
+                emitted = emit_from_plan(source, plan, weights)
                 qmodel, storage = emitted.model, emitted.storage
+                for note in emitted.rederived:
+                    lines.append(f"note: {note}")
             except PlanError as e:  # name the plan file
                 raise PlanError(f"{args.plan}: {str(e).removeprefix('plan: ')}") from None
             validation = (validate_against(qmodel, source, eval_ds, config.runtime, progress=progress)
@@ -434,6 +442,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         write_report(Path(args.report), result)
     if result is not None and args.plan_out:
+        if result.weights is not None:
+            result.weights.save(weights_path(args.plan_out))
         write_text_atomic(args.plan_out, plan.to_json() + "\n")
     save_model(qmodel, out)
     lines.extend(outputs.lines())
@@ -444,7 +454,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         lines.append(f"quantized model written to {out} ({len(plan.layers)} layers, "
                      f"avg weight bits {plan.avg_weight_bits:.2f}, avg activation bits {plan.avg_activation_bits:.2f})")
         if args.plan_out:
-            lines.append(f"plan written to {args.plan_out}")
+            lines.append(f"plan written to {args.plan_out}" + (f" (compensated codes in {weights_path(args.plan_out)})"
+                                                               if result.weights is not None else ""))
         if args.report:
             lines.append(f"report written to {args.report}")
     if storage is not None:
@@ -594,6 +605,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight codes in the file: auto = int4, two codes a byte, for weights of <= 4 bits where the "
                         f"model is at opset >= 21, else int8; int4 = also convert an older model to opset 21 (recorded "
                         f"in the plan); int8 = one code a byte, any opset (default: {q.emission.weight_storage.value})")
+    c = q.compensate
+    g = s.add_argument_group("error compensation (each part kept per layer only where it lowers the layer's output error)")
+    on_off = lambda v: "on" if v else "off"  # noqa: E731
+    for dest, flag, what in (("gptq", "gptq", "GPTQ-style weight rounding with the input Gram matrix"),
+                             ("activation", "act-compensation", "ridge-fit each weight to map the quantized input to "
+                                                                "the float output, then GPTQ-round it"),
+                             ("bias", "bias-correction", "fold each layer's mean output error into its bias")):
+        on = getattr(c, dest)  # the flag turns the part away from its default
+        g.add_argument(f"--{'no-' if on else ''}{flag}", dest=f"quant.compensate.{dest}", action="store_const",
+                       const=not on, default=None, help=f"{'disable' if on else 'enable'} {what} (default: {on_off(on)})")
+    g.add_argument("--compensate-inputs", dest="quant.compensate.inputs", choices=[x.value for x in CompensateInputs],
+                   default=None, help=f"the inputs activation compensation and bias correction fit on: float = each "
+                                      f"layer's float input, quantized; network = the quantized network's, in one "
+                                      f"capture; sequential = layer by layer from the network quantized and "
+                                      f"compensated upstream; blocks = the same, block by block "
+                                      f"(default: {c.inputs.value})")
+    g.add_argument("--gptq-damp", dest="quant.compensate.damp", type=float, default=None, metavar="F",
+                   help=f"GPTQ damping, relative to the mean diagonal of X^T X (default: {c.damp})")
+    g.add_argument("--ridge", dest="quant.compensate.ridge", type=float, default=None, metavar="F",
+                   help=f"activation compensation's ridge penalty, relative to the mean diagonal of Q(X)^T Q(X) "
+                        f"(default: {c.ridge})")
     g = s.add_argument_group("SQ-b smoothing")
     g.add_argument("--no-sqb", dest="smooth.enabled", action="store_const", const=False, default=None,
                    help="disable SQ-b smoothing (default: enabled)")

@@ -224,6 +224,47 @@ class EmissionConfig(Emission):
         return Emission(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
+class CompensateInputs(str, enum.Enum):
+    """The layer inputs ``X~`` whose quantization ``Qa(X~)`` error compensation fits on (search/compensate.py)."""
+
+    FLOAT = "float"  # the float network's inputs to the layer, quantized by the layer's own quantizer
+    NETWORK = "network"  # one capture of the whole quantized network (nearest rounding, nothing compensated)
+    SEQUENTIAL = "sequential"  # layer input by layer input, from the network quantized and compensated upstream
+    BLOCKS = "blocks"  # as sequential, one capture per transformer block (its own earlier layers left in float)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensateConfig:
+    """Closed-form error compensation between the scale search and emission (search/compensate.py):
+    each part is kept per layer only where it lowers the layer's output error on its calibration rows."""
+
+    # off by default for now: BENCHMARKS.md "Error compensation (issue 15)" measures GPTQ and
+    # activation compensation (float inputs) better in SQNR on both real models, but turning them
+    # on changes what every caller of emit_from_plan must pass (the plan's CompensatedWeights)
+    gptq: bool = False  # GPTQ-style rounding with H = X^T X + damp mean(diag) I
+    activation: bool = False  # ridge W' on the quantized input (penalty ridge mean(diag Xq^T Xq)), GPTQ-rounded
+    bias: bool = False  # fold the mean output error into the bias
+    damp: float = 0.01  # GPTQ damping, relative to the mean diagonal of H
+    ridge: float = 0.1  # ridge penalty, relative to the mean diagonal of Xq^T Xq
+    # which inputs Xq the activation compensation and bias correction fit on (CompensateInputs)
+    inputs: CompensateInputs = CompensateInputs.FLOAT
+    samples: int = 64  # calibration samples the sequential captures run (the first ones)
+
+    def __post_init__(self) -> None:
+        _enum(self, "inputs", CompensateInputs, "quant.compensate.inputs")
+        _check(_int(self.samples) and self.samples >= 1, "quant.compensate.samples", "must be an integer >= 1", self.samples)
+        for f in ("gptq", "activation", "bias"):
+            _check(isinstance(getattr(self, f), bool), f"quant.compensate.{f}", "must be true or false", getattr(self, f))
+        for f in ("damp", "ridge"):
+            v = getattr(self, f)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                   f"quant.compensate.{f}", "must be a finite number > 0", v)
+
+    @property
+    def any(self) -> bool:
+        return self.gptq or self.activation or self.bias
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     w_bits: int = 8
@@ -233,6 +274,7 @@ class QuantConfig:
     search: ScaleSearchConfig = dataclasses.field(default_factory=ScaleSearchConfig)
     optm: OptmConfig = dataclasses.field(default_factory=OptmConfig)
     emission: EmissionConfig = dataclasses.field(default_factory=EmissionConfig)
+    compensate: CompensateConfig = dataclasses.field(default_factory=CompensateConfig)
 
     def __post_init__(self) -> None:
         _sections(self, "quant.")

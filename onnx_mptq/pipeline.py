@@ -2,7 +2,7 @@
 
 export -> load + preflight -> analyse -> calibrate (float stats) -> SQ-b smooth + fold ->
 capture layer inputs (smoothed graph) -> [bit allocation] -> scale search (+ OPT-m choice) ->
-emit QDQ -> validate against the FP32 model [-> per-layer measurements for a report].
+[error compensation] -> emit QDQ -> validate against the FP32 model [-> per-layer measurements for a report].
 
 Stages are plain functions handing typed records to each other; this module wires them and
 returns them as one :class:`QuantizeResult`. It writes nothing: the CLI (``cli.py``) maps files
@@ -30,12 +30,13 @@ from .data import check_shapes_fit
 from .errors import DataError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
 from .graph.io import graph_digest, load_model, model_file_bytes, opset_of
-from .plan import QuantPlan, SmoothingPlan
+from .plan import CompensatedWeights, QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
     from .passes.emit_qdq import EmitReport, EmitResult
     from .passes.pack_int4 import PackResult
     from .passes.smooth import SmoothReport
+    from .search.compensate import CompensationResult
     from .search.mixed import AllocationResult
     from .search.optm import TwinSelection
     from .validate import EvaluationReport
@@ -99,6 +100,8 @@ class QuantizeResult:
     layers: tuple[LayerMeasure, ...] = ()  # in plan order; SQNR only with ``measure=True``
     fp32: EvaluationReport | None = None  # the FP32 model on the eval data (``measure=True``)
     storage: PackResult | None = None  # how the weight codes are stored in ``model`` (int8 / int4)
+    weights: CompensatedWeights | None = None  # the compensated codes the plan's layers read (write them beside it)
+    compensation: CompensationResult | None = None  # when error compensation ran
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -231,8 +234,17 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         plan = selection.plan
         timings["optm_select_s"] = time.perf_counter() - t
 
+    weights = None
+    compensation = None
+    if config.quant.compensate.any:
+
+        t = time.perf_counter()
+        compensation = compensation_stage(work, analysis, captured, plan, data, config, progress=show)
+        plan, weights = compensation.plan, compensation.weights
+        timings["compensate_s"] = time.perf_counter() - t
+
     plan = _resolve_storage(plan, work)
-    emitted = _emit(work, plan, analysis)
+    emitted = _emit(work, plan, analysis, weights)
     qmodel, ereport = emitted.model, emitted.report
     eval_ds = None
     validation = None
@@ -255,7 +267,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
     timings["total_s"] = time.perf_counter() - t0
     sizes = ModelSizes(model_file_bytes(source) / 1e6, model_file_bytes(qmodel) / 1e6, packed_size_mb(plan, work))
     return QuantizeResult(qmodel, plan, sreport, ereport, validation, timings, allocation, selection,
-                          sizes=sizes, layers=layers, fp32=fp32, storage=emitted.storage)
+                          sizes=sizes, layers=layers, fp32=fp32, storage=emitted.storage, weights=weights,
+                          compensation=compensation)
 
 
 def _resolve_storage(plan: QuantPlan, work: onnx.ModelProto) -> QuantPlan:
@@ -269,14 +282,63 @@ def _resolve_storage(plan: QuantPlan, work: onnx.ModelProto) -> QuantPlan:
     return dataclasses.replace(plan, emission=dataclasses.replace(plan.emission, weight_storage=storage))
 
 
-def _emit(work: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult:
+def _emit(work: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis,
+          weights: CompensatedWeights | None = None) -> EmitResult:
     """QDQ emission, then the weight storage the plan records (passes/pack_int4.py)."""
     from .passes.emit_qdq import emit_qdq
     from .passes.pack_int4 import pack_int4
 
-    emitted = emit_qdq(work, plan, analysis)
+    emitted = emit_qdq(work, plan, analysis, weights)
     stored = pack_int4(emitted.model, plan.emission.weight_storage)
     return dataclasses.replace(emitted, model=stored.model, storage=stored)
+
+def compensation_stage(work: onnx.ModelProto, analysis: ModelAnalysis, captured: Any, plan: QuantPlan, data: Any,
+                       config: Config, *, progress: bool = False) -> CompensationResult:
+    """Error compensation of ``plan`` (:func:`onnx_mptq.search.compensate.compensate`) with the
+    inputs ``quant.compensate.inputs`` names: ``float``: the captured float rows; ``network``: the
+    rows of the plan emitted with nearest rounding, captured once; ``sequential`` / ``blocks``: per
+    group of units reading one tensor / per transformer block, the rows of the model quantized (and
+    compensated) upstream of them, captured on the
+    first ``quant.compensate.samples`` calibration samples, paired with the float rows of the
+    same samples. Captures sample rows by the seed, the data and its order only, so two captures
+    of one data subset keep the same tokens."""
+    from .calibrate.capture import capture_unit_inputs
+    from .config import CompensateInputs
+    from .passes.emit_qdq import emit_qdq
+    from .search.compensate import compensate
+
+    c = config.quant.compensate
+    weighted = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.weight is not None))
+    kw = dict(tokens_per_layer=config.capture.tokens_per_layer, seed=config.seed, progress=False)
+    fits_inputs = c.activation or c.bias
+    if not fits_inputs or c.inputs is CompensateInputs.FLOAT:
+        return compensate(work, analysis, captured, plan, c, progress=progress)
+    if c.inputs is CompensateInputs.NETWORK:
+        qmodel = emit_qdq(work, plan, analysis).model
+        captured_q = capture_unit_inputs(qmodel, weighted, data, config.runtime, **kw)
+        return compensate(work, analysis, captured, plan, c, captured_q=captured_q, progress=progress)
+    subset = _first_batches(data, c.samples)
+    floats = capture_unit_inputs(work, weighted, subset, config.runtime, **kw)
+
+    def network(partial: QuantPlan, weights: CompensatedWeights | None, units: tuple[str, ...]):
+        qmodel = emit_qdq(work, partial, analysis, weights).model
+        only = dataclasses.replace(analysis, units=tuple(u for u in analysis.units if u.name in units))
+        return capture_unit_inputs(qmodel, only, subset, config.runtime, **kw)
+
+    return compensate(work, analysis, floats, plan, c, network=network, by_block=c.inputs is CompensateInputs.BLOCKS,
+                      progress=progress)
+
+
+def _first_batches(data: Any, samples: int) -> list:
+    """The first batches of ``data`` holding at least ``samples`` samples (or all of them)."""
+    out, n = [], 0
+    for batch in data:
+        out.append(batch)
+        inputs = getattr(batch, "inputs", batch)
+        n += len(next(iter(inputs.values())))
+        if n >= samples:
+            break
+    return out
 
 
 def _layer_measures(plan: QuantPlan, analysis: ModelAnalysis) -> tuple[LayerMeasure, ...]:
@@ -312,9 +374,11 @@ def packed_size_mb(plan: QuantPlan, model: onnx.ModelProto) -> float:
     return (wbits / 8 + 4 * channels + 4 * max(floats - welems, 0)) / 1e6
 
 
-def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) -> EmitResult:
+def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
+                   weights: CompensatedWeights | None = None) -> EmitResult:
     """Re-emit a QDQ model from a (possibly hand-edited) plan, without calibration data: a
-    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written)."""
+    :class:`onnx_mptq.passes.emit_qdq.EmitResult` (the plan's ``emission`` says how it is written;
+    ``weights``: the compensated codes, needed when the plan has compensated layers)."""
     from .passes.smooth import apply_smoothing
 
     source = _as_model(model)
@@ -334,7 +398,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan) 
     for lp in plan.layers:
         if lp.unit not in known:
             raise PlanError(f"plan: layer {lp.unit!r} is not a quantizable unit of this model")
-    return _emit(work, _resolve_storage(plan, work), analysis)
+    return _emit(work, _resolve_storage(plan, work), analysis, weights)
 
 
 def _eval_source(data: Any, reference: onnx.ModelProto, batch_size: int):

@@ -41,6 +41,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -276,6 +281,36 @@ class WeightQuant:
         return cls(bits=p.bits, scales=tuple(float(s) for s in p.scale))
 
 
+class CompensationPart(str, enum.Enum):
+    """The closed-form error compensation steps (:mod:`onnx_mptq.numerics.compensate`)."""
+
+    GPTQ = "gptq"  # GPTQ-style rounding with the input Gram matrix
+    ACTIVATION = "activation"  # ridge solution on the quantized input, then GPTQ rounding
+    BIAS = "bias"  # mean output error folded into the bias
+
+
+@dataclasses.dataclass(frozen=True)
+class Compensation:
+    """What compensation did to one layer; its codes (and bias correction) are in the plan's
+    :class:`CompensatedWeights` under the layer's unit name. ``parts``: the steps kept (each kept
+    only where it lowered the layer's output error on the calibration rows); ``error_nearest`` /
+    ``error``: ``||X W - Qa(X) W_hat||^2 / ||X W||^2`` before and after."""
+
+    parts: tuple[CompensationPart, ...]
+    bias: bool = False  # a bias correction is stored
+    error_nearest: float = 0.0
+    error: float = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "parts", tuple(CompensationPart(p) for p in self.parts))
+        except ValueError:
+            allowed = ", ".join(p.value for p in CompensationPart)
+            raise PlanError(f"compensation.parts: each must be one of {allowed}, got {list(self.parts)!r}") from None
+        if (CompensationPart.BIAS in self.parts) != bool(self.bias):
+            raise PlanError("compensation: bias must be true exactly when parts lists bias")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     unit: str  # node name in the (smoothed) graph
@@ -284,6 +319,7 @@ class LayerPlan:
     weight: WeightQuant | None = None  # None for attention matmuls
     params: int = 0  # weight parameter count (for the weighted average)
     act_elems: int = 0  # activation elements per sample (for the weighted average)
+    compensation: Compensation | None = None  # codes / bias from CompensatedWeights (module docstring)
 
     @property
     def w_bits(self) -> int | None:
@@ -328,6 +364,16 @@ class QuantPlan(Record):
     avg_weight_bits: float = 0.0
     avg_activation_bits: float = 0.0
     notes: tuple[str, ...] = ()
+    weights_digest: str | None = None  # the CompensatedWeights the compensated layers read
+
+    def __post_init__(self) -> None:
+        compensated = [lp.unit for lp in self.layers if lp.compensation is not None]
+        if compensated and not self.weights_digest:
+            raise PlanError(f"layer {compensated[0]}: compensated, but the plan names no weights file "
+                            f"(weights_digest); remove the compensation record or restore weights_digest")
+        for lp in self.layers:
+            if lp.compensation is not None and lp.weight is None:
+                raise PlanError(f"layer {lp.unit}: compensation needs a weight quantizer")
 
     def layer(self, unit: str) -> LayerPlan:
         for lp in self.layers:
@@ -429,6 +475,127 @@ def rederive_steps(plan: QuantPlan) -> Rederived:
     if not notes:
         return Rederived(plan)
     return Rederived(dataclasses.replace(plan, layers=tuple(layers), input_quant=input_quant), tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# compensated weights: the codes and bias corrections beside the plan
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompensatedLayer:
+    """One compensated layer's integer weight: ``codes`` int8 (K, N) in the effective layout
+    (:meth:`onnx_mptq.graph.analysis.Unit.effective`), made for ``bits`` with the per-output-channel
+    ``scales`` float32 (N,); ``bias``: float32 (N,) added to the layer's bias, or None."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    bits: int
+    bias: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompensatedWeights:
+    """The arrays of every compensated layer, by unit name; :meth:`digest` binds them to a plan
+    (``QuantPlan.weights_digest``)."""
+
+    layers: dict[str, CompensatedLayer]
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) over every unit name, bits, shape and array byte, in name order."""
+        h = hashlib.sha256()
+        for name in sorted(self.layers):
+            cl = self.layers[name]
+            h.update(name.encode() + b"\0" + str((cl.bits, cl.codes.shape)).encode())
+            for a in (cl.codes.astype(np.int8), cl.scales.astype(np.float32)):
+                h.update(np.ascontiguousarray(a).tobytes())
+            h.update(b"bias" + (np.ascontiguousarray(cl.bias, np.float32).tobytes() if cl.bias is not None else b""))
+        return h.hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an .npz (atomically: a temporary file renamed over ``path``)."""
+        arrays: dict[str, np.ndarray] = {"names": np.array(sorted(self.layers), dtype=np.str_)}
+        for i, name in enumerate(sorted(self.layers)):
+            cl = self.layers[name]
+            arrays[f"codes_{i}"] = cl.codes.astype(np.int8)
+            arrays[f"scales_{i}"] = cl.scales.astype(np.float32)
+            arrays[f"bits_{i}"] = np.int32(cl.bits)
+            if cl.bias is not None:
+                arrays[f"bias_{i}"] = cl.bias.astype(np.float32)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompensatedWeights":
+        """Read a file :meth:`save` wrote (PlanError naming the file otherwise)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = [str(n) for n in z["names"]]
+                layers = {}
+                for i, name in enumerate(names):
+                    bias = z[f"bias_{i}"] if f"bias_{i}" in z.files else None
+                    layers[name] = CompensatedLayer(z[f"codes_{i}"].astype(np.int8), z[f"scales_{i}"].astype(np.float32),
+                                                    int(z[f"bits_{i}"]), bias)
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such weights file (the compensated codes of the plan)") from None
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise PlanError(f"{path}: not a compensated-weights file ({e})") from None
+        return cls(layers)
+
+
+def weights_path(plan_path: str | os.PathLike) -> Path:
+    """Where the compensated weights of the plan at ``plan_path`` live: ``NAME.weights.npz`` beside
+    ``NAME.json``."""
+    p = Path(plan_path)
+    return p.with_name((p.name[:-5] if p.name.endswith(".json") else p.name) + ".weights.npz")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeight:
+    """What emission writes for one layer's weight: stored ``codes`` (None: nearest rounding of
+    the float weight) and a bias correction (None: none), with a note when a stored
+    compensation was set aside."""
+
+    codes: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    note: str | None = None
+
+
+def check_weights(plan: QuantPlan, weights: CompensatedWeights | None) -> None:
+    """PlanError unless ``weights`` are the ones the plan's compensated layers were made with."""
+    compensated = [lp.unit for lp in plan.layers if lp.compensation is not None]
+    if not compensated:
+        return
+    if weights is None:
+        raise PlanError(f"layer {compensated[0]} is compensated: its codes are in the plan's weights file "
+                        f"(PLAN.weights.npz beside PLAN.json), which was not given")
+    digest = weights.digest()
+    if digest != plan.weights_digest:
+        raise PlanError(f"the weights file is not the one this plan was made with (its digest {digest}, the plan's "
+                        f"weights_digest {plan.weights_digest})")
+    missing = [u for u in compensated if u not in weights.layers]
+    if missing:
+        raise PlanError(f"layer {missing[0]}: compensated, but the weights file has no codes for it")
+
+
+def layer_weight(lp: LayerPlan, weights: CompensatedWeights | None) -> LayerWeight:
+    """The stored codes and bias of a compensated layer whose weight quantizer still is the one
+    they were made for; else nearest rounding with a note (after :func:`check_weights`)."""
+    if lp.compensation is None or lp.weight is None or weights is None:
+        return LayerWeight()
+    cl = weights.layers[lp.unit]
+    same_scales = (len(lp.weight.scales) == cl.scales.size and
+                   np.array_equal(np.asarray(lp.weight.scales, np.float32), cl.scales))
+    if lp.weight.bits != cl.bits or not same_scales:
+        what = f"bits {cl.bits} -> {lp.weight.bits}" if lp.weight.bits != cl.bits else "scales"
+        return LayerWeight(note=f"layer {lp.unit}: weight {what} edited after compensation: codes re-derived by nearest "
+                                f"rounding; the stored compensated codes{' and bias correction' if cl.bias is not None else ''} "
+                                f"are not used")
+    return LayerWeight(cl.codes, cl.bias)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,11 +82,13 @@ SAMPLE = {
     "quant.w_bits": "4", "quant.a_bits": "6", "quant.search.method": "percentile",
     "quant.optm.max_bits": "5", "quant.optm.select": "layer", "quant.emission.weight_container": "int8", "quant.emission.weight_storage": "int4",
     "mixed.target_bits": "5", "mixed.target_size_mb": "1.5", "mixed.candidates": "4,8", "mixed.keep": "8:*head*",
+    "quant.compensate.damp": "0.05", "quant.compensate.ridge": "0.5", "quant.compensate.inputs": "sequential",
 }
 EXPECTED = {
     "runtime.threads": 2, "runtime.batch_size": 7, "calib.limit": 5, "calib.batch_size": 3, "seed": 11,
     "smooth.alpha": 0.25, "quant.w_bits": 4, "quant.a_bits": 6, "quant.optm.max_bits": 5,
     "mixed.target_bits": 5.0, "mixed.target_size_mb": 1.5, "mixed.candidates": (4, 8), "mixed.keep": (Pin(8, "*head*"),),
+    "quant.compensate.damp": 0.05, "quant.compensate.ridge": 0.5,
 }
 
 

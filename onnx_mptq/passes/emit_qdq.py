@@ -26,6 +26,15 @@ integers, so the DQ feeds the MatMul directly, which ORT's fusion needs); Gemm `
 layout, axis 0 with ``transB=1`` else 1; Conv ``(O, I, kh, kw)``, axis 0. Zero points are int8
 zeros, or uint8 128 for weights whose codes exceed +-64 ("Weights on CPUs without VNNI"). The float initializer disappears unless another node still reads it.
 
+Compensated layers (``LayerPlan.compensation``, :mod:`onnx_mptq.search.compensate`): the integer
+codes are the plan's stored ones (:class:`onnx_mptq.plan.CompensatedWeights`, given to
+:func:`emit_qdq` and checked against ``plan.weights_digest``), laid out as the node reads them, in
+the same int8 / uint8 + 128 containers; a stored bias correction ``delta`` is added to the
+layer's constant bias (Conv ``B``, Gemm ``C`` as ``delta / beta``, the Add after a MatMul) or, where
+it has none, becomes one (Conv ``B``, Gemm ``C``, ``Add(MatMul, delta)``). A compensated layer whose
+weight bits or scales were edited is emitted by nearest rounding without its correction, with a
+note (:func:`onnx_mptq.plan.layer_weight`).
+
 Activations, per tensor (one Q/DQ group per (tensor, quantizer), shared by every unit that reads
 the tensor with the same quantizer)::
 
@@ -156,8 +165,9 @@ from ..graph.analysis import GraphView, ModelAnalysis, Role, Unit
 from ..graph.io import MIN_OPSET, assign_node_names, graph_digest, opset_of
 from ..numerics.quant import UniformParams, qrange
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
-from ..plan import (ActQuant, Emission, LayerPlan, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
-                    WeightContainer, WeightQuant, rederive_steps)
+from ..plan import (ActQuant, CompensatedWeights, Emission, LayerPlan, LayerWeight, QuantPlan, RangeForm, Scheme,
+                    SymmetricContainer, TwinForm, WeightContainer, WeightQuant, check_weights, layer_weight,
+                    rederive_steps)
 from ..records import Record
 from .naming import UniqueNames
 
@@ -425,7 +435,9 @@ class _Emitter:
         return out
 
     # weights --------------------------------------------------------------------------------
-    def weight(self, unit: Unit, node: gs.Node, wq: WeightQuant) -> gs.Tensor:
+    def weight(self, unit: Unit, node: gs.Node, wq: WeightQuant, stored: LayerWeight = LayerWeight()) -> gs.Tensor:
+        """The DequantizeLinear output of the unit's weight: nearest-rounded codes of the float
+        weight, or the plan's stored (compensated) codes, in the layout the node reads."""
         w_in = node.inputs[1]
         w = self.view.const(w_in)
         if w is None:
@@ -439,18 +451,21 @@ class _Emitter:
                 f"unit {unit.name}: the plan has {len(wq.scales)} weight scales, the weight has "
                 f"{w.shape[axis]} output channels"
             )
-        key = (w_in.name, node.op, axis, wq)
+        key = (w_in.name, node.op, axis, wq, unit.name if stored.codes is not None else None)
         if key in self.weight_dq:
             return self.weight_dq[key]
         scales = np.asarray(wq.scales, dtype=np.float32)
-        clipped = wq.clipped_fraction(w, axis)
+        clipped = wq.clipped_fraction(w, axis) if stored.codes is None else 0.0
         if clipped > MAX_CLIPPED:
             raise PlanError(
                 f"layer {unit.name}: field weight.scales: the {wq.bits}-bit grid clips {clipped:.0%} of the weight "
                 f"(scales made for other bits?); give scales for {wq.bits} bits, or set weight.step_bits to the bits "
                 f"they were made for and they are re-derived"
             )
-        codes = wq.codes(w, axis)  # int8, within qrange(bits, True)
+        if stored.codes is None:
+            codes = wq.codes(w, axis)  # int8, within qrange(bits, True)
+        else:
+            codes = _read_layout(unit, stored.codes, w.shape)
         codes, zero_point = weight_codes(codes, self.options.weight_container)
         if codes.dtype == np.uint8:
             self.added["uint8 weights"] += 1
@@ -464,6 +479,35 @@ class _Emitter:
         )
         self.weight_dq[key] = dq
         return dq
+
+    def add_bias(self, unit: Unit, node: gs.Node, delta: np.ndarray) -> None:
+        """Add the (N,) bias correction ``delta`` to the unit's output: folded into its constant
+        bias (Conv B, Gemm C / beta, the Add after a MatMul), or a new bias (Conv B, Gemm C, an
+        Add after a MatMul) where it has none."""
+        delta = np.asarray(delta, dtype=np.float32)
+        base = f"{unit.weight or node.name}/mptq_bias_corrected"
+        if node.op in ("Conv", "Gemm"):
+            div = np.float32(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else np.float32(1.0)
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                b = self.view.const(node.inputs[2])
+                if b is None:
+                    raise PlanError(f"layer {unit.name}: its bias {node.inputs[2].name} is not a constant; a bias "
+                                    f"correction needs one")
+                node.inputs[2] = self.const(base, (np.asarray(b, np.float32) + delta / div).astype(np.float32))
+            else:
+                node.inputs[2:] = [self.const(base, (delta / div).astype(np.float32))]
+            return
+        out = node.outputs[0]
+        add = self.nodes.get(unit.bias_node or "")
+        if add is not None and out in add.inputs:
+            i = 1 if add.inputs[0] is out else 0
+            b = self.view.const(add.inputs[i])
+            if b is not None:
+                add.inputs[i] = self.const(base, (np.asarray(b, np.float32) + delta).astype(np.float32))
+                return
+        mid = self.var(f"{node.name}/mptq_uncorrected", np.float32)
+        node.outputs[0] = mid
+        self.node("Add", f"{node.name}/mptq_bias_correction", [mid, self.const(base, delta)], [out], "Add")
 
     # structure ------------------------------------------------------------------------------
     def split_gemm_bias(self, node: gs.Node) -> None:
@@ -523,6 +567,19 @@ class _Emitter:
             if nxt is None:
                 return
             cur = nxt
+
+
+def _read_layout(unit: Unit, codes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Effective-layout (K, N) codes in the layout the node reads (the inverse of
+    :meth:`Unit.effective`): Conv ``(O, C, kh, kw)``, Gemm ``B`` with transB ``(N, K)``."""
+    codes = np.asarray(codes, dtype=np.int8)
+    if unit.op_type == "Conv":
+        out = codes.T.reshape(shape) if codes.size == int(np.prod(shape)) else None
+    else:
+        out = codes if unit.weight_axis == 1 else codes.T
+    if out is None or out.shape != tuple(shape):
+        raise PlanError(f"layer {unit.name}: the stored codes have shape {codes.shape}, the weight {tuple(shape)}")
+    return np.ascontiguousarray(out)
 
 
 def _check_layer(unit: Unit, lp: LayerPlan, plan: QuantPlan) -> None:
@@ -637,7 +694,7 @@ def _accepted_units(em: _Emitter, plan: QuantPlan, analysis: ModelAnalysis,
 
 
 def _emit_unit(em: _Emitter, unit: Unit, lp: LayerPlan, node: gs.Node, input_quant: ActQuant | None,
-               replaced_weights: list[gs.Tensor]) -> EmittedUnit:
+               replaced_weights: list[gs.Tensor], stored: LayerWeight = LayerWeight()) -> EmittedUnit:
     """Quantize the unit's operands (the patch embedding's by ``input_quant`` when given) and
     weight, and point its node (or one node per combination of twin parts, summed) at them."""
     notes: list[str] = []
@@ -649,9 +706,13 @@ def _emit_unit(em: _Emitter, unit: Unit, lp: LayerPlan, node: gs.Node, input_qua
         operands.append(em.activation(node.inputs[i], aq))
     if lp.weight is not None:
         old_w = node.inputs[1]
-        wdq = em.weight(unit, node, lp.weight)
+        wdq = em.weight(unit, node, lp.weight, stored)
         node.inputs[1] = wdq
         replaced_weights.append(old_w)
+        if stored.codes is not None:
+            notes.append("compensated codes (" + ", ".join(p.value for p in lp.compensation.parts) + ")")  # type: ignore[union-attr]
+        if stored.bias is not None:
+            em.add_bias(unit, node, stored.bias)
         if node.op == "Gemm":
             em.split_gemm_bias(node)
         operands.append([wdq])
@@ -705,8 +766,11 @@ def _export(em: _Emitter, graph: gs.Graph, named: onnx.ModelProto, replaced_weig
     return out
 
 
-def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -> EmitResult:
-    """Write ``plan`` into a copy of ``model`` as QDQ (see the module docstring)."""
+def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis,
+             weights: CompensatedWeights | None = None) -> EmitResult:
+    """Write ``plan`` into a copy of ``model`` as QDQ (see the module docstring); ``weights``: the
+    stored codes and bias corrections of the plan's compensated layers (:class:`onnx_mptq.plan.CompensatedWeights`;
+    required when it has any, checked against ``plan.weights_digest``)."""
     done = _already_emitted(model, plan, analysis)
     if done is not None:
         return done
@@ -715,12 +779,20 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -
     for note in resolved.notes:
         log.warning("%s", note)
     work = resolved.plan
+    check_weights(work, weights)
     em = _Emitter(graph, work.emission)
     skipped: list[Skip] = []
     accepted = _accepted_units(em, work, analysis, skipped)
     replaced_weights: list[gs.Tensor] = []
-    emitted = [_emit_unit(em, unit, lp, node, work.input_quant, replaced_weights) for unit, lp, node in accepted]
-    notes = list(resolved.notes)
+    stored = {lp.unit: layer_weight(lp, weights) for _, lp, _ in accepted}
+    rederived = list(resolved.notes)
+    for lw in stored.values():
+        if lw.note:
+            log.warning("%s", lw.note)
+            rederived.append(lw.note)
+    emitted = [_emit_unit(em, unit, lp, node, work.input_quant, replaced_weights, stored[lp.unit])
+               for unit, lp, node in accepted]
+    notes = list(rederived)
     pe_done = work.input_quant is not None and any(u.role is Role.PATCH_EMBED for u, _, _ in accepted)
     if work.input_quant is not None and not pe_done:
         notes.append(_emit_input_quant(em, graph, work.input_quant))
@@ -743,4 +815,4 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis) -
     log.info("emitted %d units (%d Q, %d DQ, %d weight DQ, %d Clip); %d skipped", len(emitted),
              report.quantize_nodes, report.dequantize_nodes, report.weight_dequantize_nodes, report.clip_nodes,
              len(skipped))
-    return EmitResult(out, report, resolved.notes)
+    return EmitResult(out, report, tuple(rederived))
