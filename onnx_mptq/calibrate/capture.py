@@ -164,7 +164,13 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 class Reservoir:
     """Uniform sample without replacement of at most ``capacity`` slices along dim 0 of a stream
-    of array chunks; several arrays sharing dim 0 are sampled jointly (same slices)."""
+    of array chunks; several arrays sharing dim 0 are sampled jointly (same slices).
+
+    ``data`` is the sample in its logical order: the kept old slices in their order, then the
+    new ones in theirs. The slices live in fixed buffers of ``capacity`` slots with a slot map
+    (logical position -> slot): a chunk writes only its kept slices into freed slots, instead of
+    copying the whole sample, and ``data`` gathers the slots in logical order when read (the
+    same arrays, drawn with the same random numbers, as concatenating at every chunk)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
         if capacity < 1:
@@ -172,7 +178,19 @@ class Reservoir:
         self.capacity = int(capacity)
         self.rng = rng
         self.seen = 0
-        self.data: tuple[np.ndarray, ...] | None = None
+        self._buf: tuple[np.ndarray, ...] | None = None  # (capacity, ...) per array
+        self._order = np.zeros(0, np.int64)  # slot of each logical position
+        self._data: tuple[np.ndarray, ...] | None = None  # cached gather
+
+    @property
+    def data(self) -> tuple[np.ndarray, ...] | None:
+        if self._buf is None:
+            return None
+        if self._data is None:
+            o = self._order
+            contiguous = o.size == 0 or (o[0] == 0 and np.array_equal(o, np.arange(o.size)))
+            self._data = tuple(b[:o.size].copy() if contiguous else b[o] for b in self._buf)
+        return self._data
 
     def add(self, *arrays: np.ndarray) -> None:
         n = int(arrays[0].shape[0])
@@ -181,12 +199,18 @@ class Reservoir:
         if n == 0:
             return
         cap = self.capacity
-        old = self.data
-        held = 0 if old is None else int(old[0].shape[0])
+        if self._buf is None:
+            self._buf = tuple(np.empty((cap,) + tuple(a.shape[1:]), np.float32) for a in arrays)
+        elif any(b.shape[1:] != a.shape[1:] for b, a in zip(self._buf, arrays)):
+            raise ValueError(f"slice shape changed from {[b.shape[1:] for b in self._buf]} to "
+                             f"{[a.shape[1:] for a in arrays]}")
+        held = int(self._order.size)
         total = self.seen + n
+        self._data = None
         if total <= cap:
-            new = tuple(np.array(a, dtype=np.float32, copy=True) for a in arrays)
-            self.data = new if old is None else tuple(np.concatenate([o, a]) for o, a in zip(old, new))
+            for b, a in zip(self._buf, arrays):
+                b[held:held + n] = a
+            self._order = np.arange(held + n)
         else:
             # k new slices in a uniform cap-subset of all `total` slices seen
             k_new = int(self.rng.hypergeometric(n, self.seen, cap)) if self.seen > 0 else cap
@@ -194,11 +218,13 @@ class Reservoir:
             # the chosen slices in ascending order (a boolean mask: the same as sorting the indices)
             new_idx = _ascending(self.rng.choice(n, size=k_new, replace=False), n) if k_new else np.zeros(0, np.int64)
             old_idx = _ascending(self.rng.choice(held, size=k_old, replace=False), held) if k_old else np.zeros(0, np.int64)
-            parts = []
-            for i, a in enumerate(arrays):
-                a_new = np.asarray(a, dtype=np.float32)[new_idx]
-                parts.append(a_new if old is None else np.concatenate([old[i][old_idx], a_new]))
-            self.data = tuple(parts)
+            kept = self._order[old_idx]  # slots of the kept old slices, in logical order
+            used = np.zeros(cap, dtype=bool)
+            used[kept] = True
+            free = np.flatnonzero(~used)[:k_new]  # slots for the new slices
+            for b, a in zip(self._buf, arrays):
+                b[free] = np.asarray(a)[new_idx]
+            self._order = np.concatenate([kept, free])
         self.seen = total
 
 
