@@ -188,8 +188,13 @@ class Reservoir:
             return None
         if self._data is None:
             o = self._order
-            contiguous = o.size == 0 or (o[0] == 0 and np.array_equal(o, np.arange(o.size)))
-            self._data = tuple(b[:o.size].copy() if contiguous else b[o] for b in self._buf)
+            if not np.array_equal(o, np.arange(o.size)):
+                # gather once into logical order; the gathered arrays become the buffers (no second copy)
+                self._buf = tuple(b[o] for b in self._buf)
+                self._order = np.arange(o.size)
+            elif o.size < self._buf[0].shape[0]:  # never filled: keep only the held slices
+                self._buf = tuple(b[:o.size].copy() for b in self._buf)
+            self._data = tuple(b[:o.size] for b in self._buf)
         return self._data
 
     def add(self, *arrays: np.ndarray) -> None:
@@ -207,6 +212,9 @@ class Reservoir:
         held = int(self._order.size)
         total = self.seen + n
         self._data = None
+        if self._buf[0].shape[0] < min(cap, total):  # gathered by ``data`` while not full: room again
+            self._buf = tuple(np.concatenate([b[:held], np.empty((cap - held,) + b.shape[1:], np.float32)])
+                              for b in self._buf)
         if total <= cap:
             for b, a in zip(self._buf, arrays):
                 b[held:held + n] = a
