@@ -383,6 +383,20 @@ def search_matmul_operand_scale(a: np.ndarray, b: np.ndarray, which: int, bits: 
     return _search_uniform(obj, obj.operand, bits, symmetric, grid_size, low, high, method, pct, n_coarse)
 
 
+_TRI_BLOCK = 128  # rows of the triangular factor per product in _triangular_sq_norms
+
+
+def _triangular_sq_norms(r: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Column norms ``sum((r @ d)**2, axis=0)`` (float64) for an upper-triangular (or
+    trapezoidal) r: row block ``i0:i1`` of ``r @ d`` is ``r[i0:i1, i0:] @ d[i0:]`` (the columns
+    left of i0 are zero), about half the multiply-adds of the full product."""
+    e = np.zeros(d.shape[1], np.float64)
+    for i0 in range(0, r.shape[0], _TRI_BLOCK):
+        part = r[i0:i0 + _TRI_BLOCK, i0:] @ d[i0:]
+        e += np.sum(np.square(part, dtype=np.float64), axis=0)
+    return e
+
+
 def search_weight_scales(w: np.ndarray, bits: int, x: np.ndarray | None = None,
                          grid: Sequence[float] | np.ndarray | None = None, axis: int = 1) -> UniformParams:
     """Symmetric per-output-channel weight quantizer with searched steps.
@@ -423,9 +437,10 @@ def search_weight_scales(w: np.ndarray, bits: int, x: np.ndarray | None = None,
     for f in fr:
         p = params_from_range(-f * amax, f * amax, bits, True, axis=1)
         d = np.subtract(w2, fake_quant_into(w2, p, buf), out=buf)  # (K', C)
-        if r is not None:
-            d = r @ d  # (r, C)
-        e = np.sum(np.square(d, dtype=np.float64), axis=0)  # (C,)
+        if r is None:
+            e = np.sum(np.square(d, dtype=np.float64), axis=0)  # (C,)
+        else:
+            e = _triangular_sq_norms(r, d)  # (C,) ||r d_c||^2
         better = e < best_err
         best_err = np.where(better, e, best_err)
         best_scale = np.where(better, p.scale, best_scale)
