@@ -193,7 +193,7 @@ def _run_mptq(job: dict) -> dict:
     cfg = (Config().with_value("quant.w_bits", job["w_bits"]).with_value("quant.a_bits", job["a_bits"])
            .with_value("runtime.providers", Providers.CPU))
     if job.get("target_bits") is not None:
-        cfg = cfg.with_value("mixed.enabled", True).with_value("mixed.target_bits", job["target_bits"])
+        cfg = cfg.with_value("mixed.target_bits", job["target_bits"]).with_value("mixed.enabled", True)
     profiles = _StageProfiles() if job.get("profile") else None
     res = quantize(job["model"], job["calib"], cfg, progress=False)
     save_model(res.model, Path(job["out"]))
