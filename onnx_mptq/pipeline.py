@@ -30,6 +30,7 @@ from .data import check_shapes_fit
 from .errors import DataError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
 from .graph.io import graph_digest, load_model, model_file_bytes, opset_of
+from .numerics.search import blas_threads_limited
 from .plan import CompensatedWeights, QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ def _layernorm_samples(prepared: onnx.ModelProto, analysis: ModelAnalysis, data:
     return {ln.output: captured[ln.consumers[0]].rows for ln in analysis.layernorms if ln.consumers}
 
 
+@blas_threads_limited  # numpy BLAS threads fight ORT's and wait on a small machine (numerics/search.py)
 def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Config = Config(), *,
              eval_data: Any = None, measure: bool = False, progress: bool | None = None) -> QuantizeResult:
     """The whole pipeline in one call: returns the QDQ model, its plan and a validation report.

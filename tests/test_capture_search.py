@@ -278,3 +278,76 @@ def test_mnist_optm_kept_only_when_it_lowers_the_error(mnist):
             assert q.scheme is Scheme.UNIFORM
             assert errs[unit] == pytest.approx(e_uni, rel=1e-4)
     assert chosen >= len(notes) // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast capture paths (issue 14) against the straightforward computations
+
+
+class _ConcatReservoir:
+    """The reservoir as it was: concatenate and re-index at every chunk (same random draws)."""
+
+    def __init__(self, capacity, rng):
+        self.capacity, self.rng, self.seen, self.data = capacity, rng, 0, None
+
+    def add(self, *arrays):
+        n = int(arrays[0].shape[0])
+        if n == 0:
+            return
+        cap, old = self.capacity, self.data
+        held = 0 if old is None else int(old[0].shape[0])
+        if self.seen + n <= cap:
+            new = tuple(np.array(a, dtype=np.float32) for a in arrays)
+            self.data = new if old is None else tuple(np.concatenate([o, a]) for o, a in zip(old, new))
+        else:
+            k_new = int(self.rng.hypergeometric(n, self.seen, cap)) if self.seen > 0 else cap
+            new_idx = np.sort(self.rng.choice(n, size=k_new, replace=False)) if k_new else np.zeros(0, np.int64)
+            old_idx = np.sort(self.rng.choice(held, size=cap - k_new, replace=False)) if cap - k_new else np.zeros(0, np.int64)
+            self.data = tuple(np.asarray(a, np.float32)[new_idx] if old is None else
+                              np.concatenate([old[i][old_idx], np.asarray(a, np.float32)[new_idx]])
+                              for i, a in enumerate(arrays))
+        self.seen += n
+
+
+def test_slot_reservoir_equals_the_concatenating_one():
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        cap = int(rng.integers(1, 40))
+        a, b = _ConcatReservoir(cap, np.random.default_rng(trial)), Reservoir(cap, np.random.default_rng(trial))
+        for _ in range(int(rng.integers(1, 14))):
+            c = rng.standard_normal((int(rng.integers(0, 30)), 2, 3)).astype(np.float32)
+            a.add(c, c[:, 0]), b.add(c, c[:, 0])
+            if rng.random() < 0.4 or a.data is None:  # reading in between must not change later draws
+                assert (a.data is None) == (b.data is None)
+                if a.data is not None:
+                    assert all(np.array_equal(x, y) for x, y in zip(a.data, b.data))
+        assert all(np.array_equal(x, y) for x, y in zip(a.data, b.data))
+
+
+def test_tails_are_exact_and_value_sample_uniform():
+    from onnx_mptq.calibrate.capture import ValueSample, _StatsAcc
+
+    rng = np.random.default_rng(2)
+    chunks = [np.round(rng.standard_normal(int(rng.integers(0, 3000))) * (1 + i % 4), 1).astype(np.float32)
+              for i in range(30)]  # rounded: many ties at the thresholds
+    acc = _StatsAcc("t", np.random.default_rng(0), 500, 700)
+    for c in chunks:
+        acc.update(c)
+    r = acc.result()
+    allv = np.sort(np.concatenate(chunks))
+    assert np.array_equal(r.top, allv[-500:]) and np.array_equal(r.bottom, allv[:500])
+    assert np.array_equal(r.abs_top, np.sort(np.abs(allv))[-500:])
+    assert r.sample.size == 700 and np.all(np.isin(r.sample, allv))
+    with pytest.raises(CalibrationError, match="non-finite"):
+        acc.update(np.array([1.0, np.nan], np.float32))
+    # every value is kept with probability capacity / seen
+    hits = np.zeros(60)
+    for s in range(2000):
+        vs = ValueSample(12, np.random.default_rng(s))
+        for part in np.split(np.arange(60, dtype=np.float32), [5, 6, 20, 41]):
+            vs.add(part)
+        assert np.unique(vs.data).size == 12
+        hits[vs.data.astype(int)] += 1
+    expected = 2000 * 12 / 60
+    chi2 = float(np.sum((hits - expected) ** 2 / expected))
+    assert chi2 < 59 + 6 * np.sqrt(2 * 59), chi2

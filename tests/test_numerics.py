@@ -518,3 +518,108 @@ def test_weight_absmax_rows_and_conditioning():
     assert (c.range, c.max_abs_mean, c.mean_to_range) == (10.0, 5.0, 0.5)
     with pytest.raises(ValueError):
         shift_vector([0.0], [0.0], [1.0], "median")
+
+
+# ---------------------------------------------------------------- fast search paths (issue 14)
+
+
+@SETTINGS
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 5)), elements=finite32),
+       bits_st, st.booleans(), st.floats(1e-3, 1e3), st.floats(-1e3, 0.0))
+def test_fake_quant_into_is_bitwise_fake_quant(x, bits, sym, span, lo):
+    from onnx_mptq.numerics.search import fake_quant_into
+
+    p = params_from_range(lo, lo + span, bits, sym)
+    assert np.array_equal(fake_quant_into(x, p), fake_quant(x, p))
+    pc = params_from_range(np.full(x.shape[1], lo), lo + span * np.linspace(1.0, 2.0, x.shape[1]), bits, sym, axis=1)
+    out = np.empty_like(x)
+    assert fake_quant_into(x, pc, out) is out and np.array_equal(out, fake_quant(x, pc))
+
+
+def _old_search_uniform(obj, bits, sym, grid_size, low, high):
+    """The per-candidate search as it was: every candidate summed in full, lambdas, no bounds."""
+    from onnx_mptq.numerics.search import _uniform_candidate, candidate_fractions
+
+    op = obj.operand
+    lo, hi = float(op.min()), float(op.max())
+    fracs = candidate_fractions(grid_size, low, high)
+    cands = [_uniform_candidate(lo, hi, float(f), bits, sym) for f in fracs]
+    one = int(np.flatnonzero(fracs == 1.0)[0])
+    i, e = coarse_to_fine(len(fracs), lambda k: obj(lambda v: fake_quant(v, cands[k])), n_coarse=20, always=(one,))
+    return cands[i], e
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_search_chooses_what_the_full_search_chooses(seed):
+    from onnx_mptq.numerics.search import search_uniform
+
+    rng = np.random.default_rng(seed)
+    k, n, t = [(16, 48, 900), (40, 12, 2000), (24, 24, 3000)][seed % 3]
+    x = (rng.standard_normal((t, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
+    x[rng.integers(0, t, 5), rng.integers(0, k, 5)] += 20.0  # outliers make the grid non-trivial
+    if seed % 2:
+        x = np.maximum(x, -0.17)  # GELU-like
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    wq = fake_quant(w, weight_params(w, 4, 1))
+    for bits, sym in ((4, False), (3, True), (8, False)):
+        obj = LinearObjective(x, w, wq)
+        p_old, e_old = _old_search_uniform(obj, bits, sym, 100, 0.01, 1.2)
+        p_new, e_new = search_uniform(obj, bits, sym, 100, 0.01, 1.2)
+        assert float(p_new.scale) == float(p_old.scale) and int(p_new.zero_point) == int(p_old.zero_point)
+        assert math.isclose(e_new, e_old, rel_tol=1e-12)
+    # attention operands, both sides
+    a = rng.random((6, 20, 20)).astype(np.float32)
+    a /= a.sum(-1, keepdims=True)
+    b = rng.standard_normal((6, 20, 8)).astype(np.float32)
+    for which in (0, 1):
+        obj = OperandObjective(a, b, which)
+        p_old, e_old = _old_search_uniform(obj, 4, False, 100, 0.01, 1.2)
+        p_new, e_new = search_uniform(obj, 4, False, 100, 0.01, 1.2)
+        assert float(p_new.scale) == float(p_old.scale) and math.isclose(e_new, e_old, rel_tol=1e-12)
+
+
+def test_bounded_objective_is_exact_or_above_the_bound(linear_data):
+    x, w = linear_data
+    x = np.tile(x, (8, 1))  # 2048 rows: several blocks
+    obj = LinearObjective(x, w)
+    p = minmax_params(x, 3, False)
+    full = obj(p)
+    assert math.isclose(full, obj(lambda v: fake_quant(v, p)), rel_tol=1e-12)
+    assert obj(p, bound=full) == full  # not above the bound: summed completely
+    part = obj(p, bound=full / 4)
+    assert full / 4 < part < full  # stopped early, still above the bound
+
+
+def test_bounded_coarse_to_fine_matches_unbounded():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        vals = rng.random(int(rng.integers(5, 120)))
+        vals[rng.integers(0, vals.size)] = vals.min()  # a tie
+        always = (int(rng.integers(0, vals.size)),)
+        calls = []
+
+        def err(i, bound):
+            calls.append(bound)
+            return vals[i] if vals[i] <= bound else bound + 0.5 * (vals[i] - bound)  # a partial sum above it
+
+        i0, e0 = coarse_to_fine(vals.size, lambda i: vals[i], always=always)
+        i1, e1 = coarse_to_fine(vals.size, err, always=always, bounded=True)
+        assert (i0, e0) == (i1, e1)
+        assert calls[0] == math.inf
+
+
+def test_weight_search_unchanged_by_fused_fake_quant(linear_data):
+    x, w = linear_data
+    p = search_weight_scales(w, 4, x=x)
+    # the old loop, with fake_quant
+    from onnx_mptq.numerics.search import gram_root
+
+    r = gram_root(x)
+    amax = np.abs(w).max(axis=0).astype(np.float64)
+    best_e, best_s = np.full(w.shape[1], np.inf), np.zeros(w.shape[1], np.float32)
+    for f in np.unique(np.concatenate([np.linspace(0.5, 1.0, 50), [1.0]]))[::-1]:
+        q = params_from_range(-f * amax, f * amax, 4, True, axis=1)
+        e = np.sum(np.square(r @ (w - fake_quant(w, q)), dtype=np.float64), axis=0)
+        better = e < best_e
+        best_e, best_s = np.where(better, e, best_e), np.where(better, q.scale, best_s)
+    assert np.array_equal(p.scale, best_s)

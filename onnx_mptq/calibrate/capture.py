@@ -21,8 +21,10 @@ of batches:
   ``group == 1``; a ViT patch embedding, stride = kernel and no padding, is the usual case), which
   is cheaper than capturing patches.
 * **Per-tensor statistics** of every captured tensor over all its elements: count, min, max,
-  absmax, the ``tail`` largest and smallest values and largest ``|x|`` (exact), and a uniform
-  reservoir of ``value_samples`` values. :meth:`TensorStats.percentile` is exact (numpy's linear
+  absmax, the ``tail`` largest and smallest values and largest ``|x|`` (exact; once ``tail``
+  values are held only the values beyond the smallest held one are partitioned, which gives the
+  same values as partitioning every batch), and a uniform sample of ``value_samples`` values
+  (:class:`ValueSample`, updated in place). :meth:`TensorStats.percentile` is exact (numpy's linear
   interpolation) whenever the requested rank falls inside the kept tails -- e.g. the 99.99th
   percentile of up to ``tail / 1e-4`` elements -- and otherwise estimated from the reservoir.
 
@@ -162,7 +164,13 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 class Reservoir:
     """Uniform sample without replacement of at most ``capacity`` slices along dim 0 of a stream
-    of array chunks; several arrays sharing dim 0 are sampled jointly (same slices)."""
+    of array chunks; several arrays sharing dim 0 are sampled jointly (same slices).
+
+    ``data`` is the sample in its logical order: the kept old slices in their order, then the
+    new ones in theirs. The slices live in fixed buffers of ``capacity`` slots with a slot map
+    (logical position -> slot): a chunk writes only its kept slices into freed slots, instead of
+    copying the whole sample, and ``data`` gathers the slots in logical order when read (the
+    same arrays, drawn with the same random numbers, as concatenating at every chunk)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
         if capacity < 1:
@@ -170,7 +178,24 @@ class Reservoir:
         self.capacity = int(capacity)
         self.rng = rng
         self.seen = 0
-        self.data: tuple[np.ndarray, ...] | None = None
+        self._buf: tuple[np.ndarray, ...] | None = None  # (capacity, ...) per array
+        self._order = np.zeros(0, np.int64)  # slot of each logical position
+        self._data: tuple[np.ndarray, ...] | None = None  # cached gather
+
+    @property
+    def data(self) -> tuple[np.ndarray, ...] | None:
+        if self._buf is None:
+            return None
+        if self._data is None:
+            o = self._order
+            if not np.array_equal(o, np.arange(o.size)):
+                # gather once into logical order; the gathered arrays become the buffers (no second copy)
+                self._buf = tuple(b[o] for b in self._buf)
+                self._order = np.arange(o.size)
+            elif o.size < self._buf[0].shape[0]:  # never filled: keep only the held slices
+                self._buf = tuple(b[:o.size].copy() for b in self._buf)
+            self._data = tuple(b[:o.size] for b in self._buf)
+        return self._data
 
     def add(self, *arrays: np.ndarray) -> None:
         n = int(arrays[0].shape[0])
@@ -179,24 +204,81 @@ class Reservoir:
         if n == 0:
             return
         cap = self.capacity
-        old = self.data
-        held = 0 if old is None else int(old[0].shape[0])
+        if self._buf is None:
+            self._buf = tuple(np.empty((cap,) + tuple(a.shape[1:]), np.float32) for a in arrays)
+        elif any(b.shape[1:] != a.shape[1:] for b, a in zip(self._buf, arrays)):
+            raise ValueError(f"slice shape changed from {[b.shape[1:] for b in self._buf]} to "
+                             f"{[a.shape[1:] for a in arrays]}")
+        held = int(self._order.size)
         total = self.seen + n
+        self._data = None
+        if self._buf[0].shape[0] < min(cap, total):  # gathered by ``data`` while not full: room again
+            self._buf = tuple(np.concatenate([b[:held], np.empty((cap - held,) + b.shape[1:], np.float32)])
+                              for b in self._buf)
         if total <= cap:
-            new = tuple(np.array(a, dtype=np.float32, copy=True) for a in arrays)
-            self.data = new if old is None else tuple(np.concatenate([o, a]) for o, a in zip(old, new))
+            for b, a in zip(self._buf, arrays):
+                b[held:held + n] = a
+            self._order = np.arange(held + n)
         else:
             # k new slices in a uniform cap-subset of all `total` slices seen
             k_new = int(self.rng.hypergeometric(n, self.seen, cap)) if self.seen > 0 else cap
             k_old = cap - k_new
-            new_idx = np.sort(self.rng.choice(n, size=k_new, replace=False)) if k_new else np.zeros(0, np.int64)
-            old_idx = np.sort(self.rng.choice(held, size=k_old, replace=False)) if k_old else np.zeros(0, np.int64)
-            parts = []
-            for i, a in enumerate(arrays):
-                a_new = np.asarray(a, dtype=np.float32)[new_idx]
-                parts.append(a_new if old is None else np.concatenate([old[i][old_idx], a_new]))
-            self.data = tuple(parts)
+            # the chosen slices in ascending order (a boolean mask: the same as sorting the indices)
+            new_idx = _ascending(self.rng.choice(n, size=k_new, replace=False), n) if k_new else np.zeros(0, np.int64)
+            old_idx = _ascending(self.rng.choice(held, size=k_old, replace=False), held) if k_old else np.zeros(0, np.int64)
+            kept = self._order[old_idx]  # slots of the kept old slices, in logical order
+            used = np.zeros(cap, dtype=bool)
+            used[kept] = True
+            free = np.flatnonzero(~used)[:k_new]  # slots for the new slices
+            for b, a in zip(self._buf, arrays):
+                b[free] = np.asarray(a)[new_idx]
+            self._order = np.concatenate([kept, free])
         self.seen = total
+
+
+def _ascending(idx: np.ndarray, n: int) -> np.ndarray:
+    """``np.sort(idx)`` of distinct indices in ``[0, n)``, as a boolean mask when that is cheaper."""
+    if idx.size * 8 < n:
+        return np.sort(idx)
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return mask
+
+
+class ValueSample:
+    """Uniform sample without replacement of at most ``capacity`` values of a stream of 1-d
+    chunks (the percentile fallback of :class:`TensorStats`); the same hypergeometric scheme as
+    :class:`Reservoir`, but once full the ``k`` new values overwrite a uniform ``k``-subset of
+    the held ones in place, so a chunk costs O(k) plus the draw over the chunk, not a copy of
+    the whole sample. The sample's order is not meaningful."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.rng = rng
+        self.seen = 0
+        self.data = np.zeros(0, np.float32)
+
+    def add(self, v: np.ndarray) -> None:
+        v = np.asarray(v, dtype=np.float32).ravel()
+        n, cap, held = int(v.size), self.capacity, int(self.data.size)
+        if n == 0:
+            return
+        if self.seen + n <= cap:
+            self.data = np.concatenate([self.data, v])
+        else:
+            k_new = int(self.rng.hypergeometric(n, self.seen, cap)) if self.seen > 0 else cap
+            new = v[self.rng.choice(n, size=k_new, replace=False)] if k_new else v[:0]
+            if held == cap:  # k_new uniform old values make room
+                if k_new:
+                    self.data[self.rng.choice(held, size=k_new, replace=False)] = new
+            elif held:  # first overflow: keep a uniform (cap - k_new)-subset of the held values
+                keep = self.rng.choice(held, size=cap - k_new, replace=False)
+                self.data = np.concatenate([self.data[keep], new])
+            else:
+                self.data = new.copy()
+        self.seen += n
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:
@@ -204,6 +286,20 @@ def _top(x: np.ndarray, k: int) -> np.ndarray:
     if x.size > k:
         x = np.partition(x, x.size - k)[x.size - k:]
     return np.sort(x)
+
+
+def _merge_top(kept: np.ndarray, v: np.ndarray, k: int) -> np.ndarray:
+    """The k largest values of ``kept`` (ascending, the k largest seen so far) and ``v``: equal
+    to ``_top(concatenate([kept, _top(v, k)]), k)``. Once ``kept`` holds k values, only the
+    values of v above its smallest one can enter, so only those are partitioned (one comparison
+    pass over v instead of a partition of it)."""
+    if kept.size >= k:
+        v = v[v > kept[0]]
+        if v.size == 0:
+            return kept
+        # two ascending runs: a stable (merging) sort is linear here
+        return np.sort(np.concatenate([kept, _top(v, k)]), kind="stable")[-k:]
+    return _top(np.concatenate([kept, _top(v, k)]), k)
 
 
 class _StatsAcc:
@@ -216,27 +312,32 @@ class _StatsAcc:
         self.top = np.zeros(0, np.float32)
         self.bottom = np.zeros(0, np.float32)  # stored negated: the largest of -x
         self.abs_top = np.zeros(0, np.float32)
-        self.values = Reservoir(value_samples, rng)
+        self.values = ValueSample(value_samples, rng)
 
     def update(self, x: np.ndarray) -> None:
         v = np.asarray(x, dtype=np.float32).ravel()
         if v.size == 0:
             return
-        if not np.all(np.isfinite(v)):
+        lo, hi = float(v.min()), float(v.max())  # NaN propagates through min/max, inf shows in them
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             raise CalibrationError(f"tensor {self.name!r}: non-finite values (NaN or inf) during calibration")
         self.count += int(v.size)
-        self.lo = min(self.lo, float(v.min()))
-        self.hi = max(self.hi, float(v.max()))
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
         t = self.tail
-        self.top = _top(np.concatenate([self.top, _top(v, t)]), t)
-        self.bottom = _top(np.concatenate([self.bottom, _top(-v, t)]), t)
-        self.abs_top = _top(np.concatenate([self.abs_top, _top(np.abs(v), t)]), t)
+        self.top = _merge_top(self.top, v, t)
+        if self.bottom.size >= t:  # the largest of -x: only x below -bottom[0] can enter
+            low = v[v < -self.bottom[0]]
+            self.bottom = _merge_top(self.bottom, -low, t) if low.size else self.bottom
+        else:
+            self.bottom = _merge_top(self.bottom, -v, t)
+        self.abs_top = _merge_top(self.abs_top, np.abs(v), t)
         self.values.add(v)
 
     def result(self) -> TensorStats:
         if self.count == 0:
             raise CalibrationError(f"tensor {self.name!r}: no values seen during calibration (empty tensor)")
-        sample = self.values.data[0] if self.values.data is not None else np.zeros(0, np.float32)
+        sample = self.values.data
         return TensorStats(
             tensor=self.name, count=self.count, min=float(self.lo), max=float(self.hi),
             absmax=float(max(abs(self.lo), abs(self.hi))),

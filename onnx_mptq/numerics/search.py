@@ -26,23 +26,99 @@ Activation / operand searches are coarse-to-fine: about ``n_coarse`` evenly spac
 (plus ``f = 1``), then every grid point between the best coarse point's neighbours. The error is
 not unimodal in ``f`` in general, so this is a heuristic; with ``n_coarse >= grid_size`` it is
 exhaustive. Memory stays bounded: candidates are evaluated one at a time, in row blocks.
+
+Speed without changing a decision (issue 14). Only the argmin of the grid matters, and the
+squared error is a sum over row blocks of non-negative terms, so a partial sum is a lower bound
+of the total: an objective called with ``bound`` (the best error so far) stops as soon as its
+partial sum exceeds it and returns that partial sum (still ``> bound``, so the candidate still
+loses). :func:`coarse_to_fine` with ``bounded=True`` evaluates the always-evaluated points first
+and passes the running best, so clearly worse candidates cost a block or two. A candidate that
+is not pruned is summed completely, exactly as before. Uniform candidates are passed as
+:class:`UniformParams` and fake-quantized by :func:`fake_quant_into`, the same float32
+arithmetic as :func:`onnx_mptq.numerics.quant.fake_quant` (bitwise equal) without its integer
+round trip and temporaries.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .quant import UniformParams, fake_quant, minmax_params, params_from_range, percentile_params
+from .quant import UniformParams, fake_quant, minmax_params, params_from_range, percentile_params, qrange
 
 logger = logging.getLogger(__name__)
 
 FakeQuant = Callable[[np.ndarray], np.ndarray]
 
 _BLOCK_ELEMS = 1 << 22  # elements per row block of a temporary (16 MB of float32)
+_PRUNE_BLOCKS = 8  # an objective is summed in at least this many blocks, checked against its bound after each
+_MIN_BLOCK_ROWS = 256  # ... of at least this many rows
+
+
+BLAS_THREADS = 1  # numpy BLAS threads while the pipeline runs (:func:`blas_threads_limited`)
+
+
+def blas_threads_limited(fn):
+    """Decorator: run ``fn`` with numpy's BLAS limited to :data:`BLAS_THREADS` threads
+    (threadpoolctl). The search's products are many and small (a few MFLOP each); with several
+    BLAS threads each one waits for its threads to be scheduled, which on a loaded or small
+    machine costs more than the product (measured on 2 shared cores: a (512, 64) x (64, 64)
+    product 17 ms with OpenBLAS's 2 threads, 0.2 ms with one), and idle BLAS threads spinning
+    between products take cores from ONNX Runtime's own threads. Nested uses are harmless."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _block(total: int, cap: int) -> int:
+    """Rows (samples) per block: at most ``cap``, about total / _PRUNE_BLOCKS, at least _MIN_BLOCK_ROWS."""
+    return max(1, min(cap, max(_MIN_BLOCK_ROWS, -(-total // _PRUNE_BLOCKS))))
+
+
+def fake_quant_into(x: np.ndarray, p: UniformParams, out: np.ndarray | None = None) -> np.ndarray:
+    """``fake_quant(x, p)`` for float32 x, bitwise equal, written into ``out`` (x's shape, float32)::
+
+        out = clip(rint(x / scale), qmin - z, qmax - z) * scale
+
+    ``quantize`` adds z to the clipped integer and ``dequantize`` subtracts it again before the
+    float32 multiply; both steps are exact on integers this small, so they are skipped."""
+    x = np.asarray(x, dtype=np.float32)
+    scale, zp = p.scale, p.zero_point
+    if scale.ndim:  # per channel
+        ax = p.axis + x.ndim if p.axis < 0 else p.axis  # type: ignore[operator]
+        if x.shape[ax] != scale.shape[0]:
+            raise ValueError(f"{scale.shape[0]} channels do not match axis {p.axis} of shape {x.shape}")
+        shape = [1] * x.ndim
+        shape[ax] = scale.shape[0]
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    qmin, qmax = qrange(p.bits, p.symmetric)
+    lo = (qmin - zp).astype(np.float32)
+    hi = (qmax - zp).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = np.divide(x, scale, out=out)
+    np.rint(out, out=out)
+    np.clip(out, lo, hi, out=out)
+    np.multiply(out, scale, out=out)
+    return out
+
+
+def _residual(xb: np.ndarray, fq, buf: np.ndarray | None) -> np.ndarray:
+    """``xb - fq(xb)``; fq is a fake-quantizer callable or a :class:`UniformParams`."""
+    if isinstance(fq, UniformParams):
+        out = fake_quant_into(xb, fq, None if buf is None else buf[:xb.shape[0]])
+        return np.subtract(xb, out, out=out)
+    return xb - fq(xb)
 
 
 def _method_name(method) -> str:
@@ -113,17 +189,24 @@ class LinearObjective:
             self._m = wq  # (K, N)
             self._c = (x @ (w - wq)) if has_c else None  # (tokens, N)
         self.channel_weights = np.sum(np.square(wq.astype(np.float64)), axis=1)[None, :]  # (1, K)
-        self._rows = max(1, _BLOCK_ELEMS // max(k, self._m.shape[1]))
+        self._rows = _block(x.shape[0], max(1, _BLOCK_ELEMS // max(k, self._m.shape[1])))
+        self._buf: np.ndarray | None = None
 
-    def __call__(self, fq: FakeQuant) -> float:
+    def __call__(self, fq: FakeQuant | UniformParams, bound: float = math.inf) -> float:
+        """The error of ``fq`` (a fake-quantizer callable or a :class:`UniformParams`); with a
+        ``bound``, possibly only a partial sum once that exceeds it (module docstring)."""
         x = self.operand
+        if self._buf is None and isinstance(fq, UniformParams):
+            self._buf = np.empty((min(self._rows, x.shape[0]), x.shape[1]), np.float32)
         total = self._const
         for s in range(0, x.shape[0], self._rows):
             xb = x[s:s + self._rows]  # (rows, K)
-            e = (xb - fq(xb)) @ self._m  # (rows, r)
+            e = _residual(xb, fq, self._buf) @ self._m  # (rows, r)
             if self._c is not None:
                 e += self._c[s:s + self._rows]
             total += float(np.sum(np.square(e, dtype=np.float64)))
+            if total > bound:
+                break
         return total
 
 
@@ -161,18 +244,24 @@ class OperandObjective:
             self.channel_weights = np.sum(np.square(oq.astype(np.float64)), axis=2)[:, None, :]  # (S, 1, K)
         else:
             self.channel_weights = np.sum(np.square(oq.astype(np.float64)), axis=1)[:, :, None]  # (S, K, 1)
-        self._samples = max(1, _BLOCK_ELEMS // max(m * k, k * n, m * n))
+        self._samples = max(1, min(_BLOCK_ELEMS // max(m * k, k * n, m * n), -(-a.shape[0] // _PRUNE_BLOCKS)))
+        self._buf: np.ndarray | None = None
 
-    def __call__(self, fq: FakeQuant) -> float:
+    def __call__(self, fq: FakeQuant | UniformParams, bound: float = math.inf) -> float:
+        """As :meth:`LinearObjective.__call__`, in blocks of samples."""
         total = 0.0
         step = self._samples
+        if self._buf is None and isinstance(fq, UniformParams):
+            self._buf = np.empty((min(step, self.operand.shape[0]),) + self.operand.shape[1:], np.float32)
         for s in range(0, self.operand.shape[0], step):
             op = self.operand[s:s + step]
-            d = op - fq(op)
+            d = _residual(op, fq, self._buf)
             e = d @ self._other[s:s + step] if self.which == 0 else self._other[s:s + step] @ d  # (s, M, N)
             if self._c is not None:
                 e += self._c[s:s + step]
             total += float(np.sum(np.square(e, dtype=np.float64)))
+            if total > bound:
+                break
         return total
 
 
@@ -183,23 +272,30 @@ def candidate_fractions(grid_size: int, low: float, high: float) -> np.ndarray:
     return np.unique(np.concatenate([np.linspace(low, high, grid_size), [1.0]]))
 
 
-def coarse_to_fine(n: int, err: Callable[[int], float], n_coarse: int = 20,
-                   always: Sequence[int] = ()) -> tuple[int, float]:
+def coarse_to_fine(n: int, err: Callable[..., float], n_coarse: int = 20,
+                   always: Sequence[int] = (), bounded: bool = False) -> tuple[int, float]:
     """Minimise ``err(i)`` over grid indices ``0..n-1``; returns ``(best index, its error)``.
 
     Evaluates about ``n_coarse`` evenly spaced indices plus ``always``, then every index strictly
     between the best evaluated index's evaluated neighbours. Ties go to the lower index.
+    ``bounded``: ``err(i, bound)`` is called with the lowest error so far and may return any
+    value above ``bound`` when the error is above it (a partial sum); ``always`` is evaluated
+    first. The chosen index and its error are the same as without bounds.
     """
     if n < 1:
         raise ValueError("empty grid")
     seen: dict[int, float] = {}
+    best_err = math.inf
 
     def ev(i: int) -> None:
+        nonlocal best_err
         if i not in seen:
-            seen[i] = float(err(i))
+            seen[i] = float(err(i, best_err) if bounded else err(i))
+            best_err = min(best_err, seen[i])
 
     coarse = np.unique(np.rint(np.linspace(0, n - 1, max(1, min(n_coarse, n)))).astype(int))
-    for i in sorted(set(coarse.tolist()) | {int(i) for i in always}):
+    first = [int(i) for i in always] if bounded else []
+    for i in first + sorted(set(coarse.tolist()) | {int(i) for i in always}):
         ev(i)
     best = min(seen, key=lambda i: (seen[i], i))
     done = sorted(seen)
@@ -219,6 +315,27 @@ def _uniform_candidate(lo: float, hi: float, f: float, bits: int, symmetric: boo
     return params_from_range(f * lo, f * hi, bits, False)
 
 
+def search_uniform(objective: "LinearObjective | OperandObjective", bits: int, symmetric: bool,
+                   grid_size: int = 100, low: float = 0.01, high: float = 1.2,
+                   n_coarse: int = 20) -> tuple[UniformParams, float]:
+    """The 'mse' search of :func:`search_activation_scale` / :func:`search_matmul_operand_scale`
+    on a prebuilt objective (its operand's min/max, coarse-to-fine, bounded): the chosen
+    quantizer and its exact error ``objective(params)``."""
+    operand = objective.operand
+    lo, hi = float(operand.min()), float(operand.max())
+    fracs = candidate_fractions(grid_size, low, high)
+    cands: dict[int, UniformParams] = {}
+
+    def err(i: int, bound: float) -> float:
+        p = cands.setdefault(i, _uniform_candidate(lo, hi, float(fracs[i]), bits, symmetric))
+        return objective(p, bound)
+
+    one = int(np.flatnonzero(fracs == 1.0)[0])
+    best, e = coarse_to_fine(len(fracs), err, n_coarse=n_coarse, always=(one,), bounded=True)
+    logger.debug("uniform search: fraction %.4f of the min/max step, error %.6g", fracs[best], e)
+    return cands[best], e
+
+
 def _search_uniform(objective, operand: np.ndarray, bits: int, symmetric: bool, grid_size: int,
                     low: float, high: float, method, pct: float, n_coarse: int) -> UniformParams:
     name = _method_name(method)
@@ -226,18 +343,7 @@ def _search_uniform(objective, operand: np.ndarray, bits: int, symmetric: bool, 
         return minmax_params(operand, bits, symmetric)
     if name == "percentile":
         return percentile_params(operand, bits, symmetric, pct)
-    lo, hi = float(operand.min()), float(operand.max())
-    fracs = candidate_fractions(grid_size, low, high)
-    cands: dict[int, UniformParams] = {}
-
-    def err(i: int) -> float:
-        p = cands.setdefault(i, _uniform_candidate(lo, hi, float(fracs[i]), bits, symmetric))
-        return objective(lambda v: fake_quant(v, p))
-
-    one = int(np.flatnonzero(fracs == 1.0)[0])
-    best, e = coarse_to_fine(len(fracs), err, n_coarse=n_coarse, always=(one,))
-    logger.debug("uniform search: fraction %.4f of the min/max step, error %.6g", fracs[best], e)
-    return cands[best]
+    return search_uniform(objective, bits, symmetric, grid_size, low, high, n_coarse)[0]
 
 
 def search_activation_scale(x: np.ndarray, w: np.ndarray, bits: int, symmetric: bool,
@@ -277,6 +383,20 @@ def search_matmul_operand_scale(a: np.ndarray, b: np.ndarray, which: int, bits: 
     return _search_uniform(obj, obj.operand, bits, symmetric, grid_size, low, high, method, pct, n_coarse)
 
 
+_TRI_BLOCK = 128  # rows of the triangular factor per product in _triangular_sq_norms
+
+
+def _triangular_sq_norms(r: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Column norms ``sum((r @ d)**2, axis=0)`` (float64) for an upper-triangular (or
+    trapezoidal) r: row block ``i0:i1`` of ``r @ d`` is ``r[i0:i1, i0:] @ d[i0:]`` (the columns
+    left of i0 are zero), about half the multiply-adds of the full product."""
+    e = np.zeros(d.shape[1], np.float64)
+    for i0 in range(0, r.shape[0], _TRI_BLOCK):
+        part = r[i0:i0 + _TRI_BLOCK, i0:] @ d[i0:]
+        e += np.sum(np.square(part, dtype=np.float64), axis=0)
+    return e
+
+
 def search_weight_scales(w: np.ndarray, bits: int, x: np.ndarray | None = None,
                          grid: Sequence[float] | np.ndarray | None = None, axis: int = 1) -> UniformParams:
     """Symmetric per-output-channel weight quantizer with searched steps.
@@ -313,12 +433,14 @@ def search_weight_scales(w: np.ndarray, bits: int, x: np.ndarray | None = None,
     amax = np.abs(w2).max(axis=0).astype(np.float64)  # (C,)
     best_err = np.full(c, np.inf)
     best_scale = np.zeros(c, dtype=np.float32)
+    buf = np.empty_like(w2)
     for f in fr:
         p = params_from_range(-f * amax, f * amax, bits, True, axis=1)
-        d = w2 - fake_quant(w2, p)  # (K', C)
-        if r is not None:
-            d = r @ d  # (r, C)
-        e = np.sum(np.square(d, dtype=np.float64), axis=0)  # (C,)
+        d = np.subtract(w2, fake_quant_into(w2, p, buf), out=buf)  # (K', C)
+        if r is None:
+            e = np.sum(np.square(d, dtype=np.float64), axis=0)  # (C,)
+        else:
+            e = _triangular_sq_norms(r, d)  # (C,) ||r d_c||^2
         better = e < best_err
         best_err = np.where(better, e, best_err)
         best_scale = np.where(better, p.scale, best_scale)

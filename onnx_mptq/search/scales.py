@@ -57,8 +57,8 @@ from ..numerics.quant import UniformParams, fake_quant, params_from_range
 from ..numerics.search import (
     LinearObjective,
     OperandObjective,
-    search_activation_scale,
-    search_matmul_operand_scale,
+    blas_threads_limited,
+    search_uniform,
     search_weight_scales,
 )
 from ..numerics.twin import lattice_max_m, search_twin, search_twin_operand, twin_fake_quant
@@ -190,9 +190,19 @@ def _range_candidates(stats: TensorStats, bits: int, symmetric: bool, pct: float
             _range_params(stats, bits, symmetric, ScaleMethod.PERCENTILE, pct)]
 
 
-def _best_of(objective: Callable[[FakeQuant], float], cands: list[UniformParams]) -> UniformParams:
-    """The candidate with the lowest objective; ties keep the earlier one."""
-    errs = [objective(lambda v, p=p: fake_quant(v, p)) for p in cands]
+def _best_of(objective: Callable[[FakeQuant], float], cands: list[UniformParams],
+             known: tuple[float, ...] = ()) -> UniformParams:
+    """The candidate with the lowest objective; ties keep the earlier one. ``known``: the errors
+    of the first candidates, already measured on this objective. A :class:`LinearObjective` or
+    :class:`OperandObjective` is called with the best error so far as its bound (a pruned
+    candidate's partial sum is above it, so the choice is the same as with full sums)."""
+    bounded = isinstance(objective, (LinearObjective, OperandObjective))
+    errs = [float(e) for e in known]
+    for p in cands[len(errs):]:
+        if bounded:
+            errs.append(objective(p, min(errs, default=np.inf)))
+        else:
+            errs.append(objective(lambda v, p=p: fake_quant(v, p)))
     return cands[int(np.argmin(errs))]
 
 
@@ -250,8 +260,8 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     if obj is None or method is not ScaleMethod.OUTPUT_MSE:
         up = _range_params(stats, ab, sym, ScaleMethod.MINMAX if obj is None else method, q.search.percentile)
     else:
-        up = search_activation_scale(ops.x, ops.w, ab, sym, w_fq=w_fq, method="mse", pct=q.search.percentile, **grid)
-        up = _best_of(obj, [up, *_range_candidates(stats, ab, sym, q.search.percentile)])
+        up, e_up = search_uniform(obj, ab, sym, **grid)
+        up = _best_of(obj, [up, *_range_candidates(stats, ab, sym, q.search.percentile)], known=(e_up,))
     act = ActQuant.from_params(unit.inputs[0], up)
 
     if (q.optm.enabled and unit.role is Role.FC2 and unit.activation in GELU_KINDS and obj is not None
@@ -275,13 +285,16 @@ def _search_linear(unit: Unit, ops: _Operands, stats: TensorStats, wb: int, ab: 
     return _UnitResult(layer, tuple(notes))
 
 
-def _search_operand(a, b, which, bits, sym, method, stats, cfg, other_fq=None) -> UniformParams:
+def _search_operand(a, b, which, bits, sym, method, stats, cfg, other_fq=None,
+                    objective: OperandObjective | None = None) -> UniformParams:
+    """One attention operand's quantizer; ``objective``: the prebuilt ``OperandObjective(a, b,
+    which, other_fq)`` (built here when not given)."""
     q = cfg.quant
     if method is not ScaleMethod.OUTPUT_MSE:
         return _range_params(stats, bits, sym, method, q.search.percentile)
-    p = search_matmul_operand_scale(a, b, which, bits, sym, other_fq=other_fq, grid_size=q.search.grid_size,
-                                    low=q.search.grid_low, high=q.search.grid_high, method="mse", pct=q.search.percentile)
-    return _best_of(OperandObjective(a, b, which, other_fq), [p, *_range_candidates(stats, bits, sym, q.search.percentile)])
+    obj = objective if objective is not None else OperandObjective(a, b, which, other_fq)
+    p, e = search_uniform(obj, bits, sym, grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
+    return _best_of(obj, [p, *_range_candidates(stats, bits, sym, q.search.percentile)], known=(e,))
 
 
 def _attention_error(a, b, qa: ActQuant, qb: ActQuant) -> float:
@@ -298,9 +311,10 @@ def _search_attention(unit: Unit, ops: _Operands, stats: tuple[TensorStats, Tens
 
     def with_first(qa: ActQuant) -> tuple[ActQuant, float]:
         a_fq = qa.fake_quant(a)
-        pb = _search_operand(a, b, 1, ab, sym, method, stats[1], cfg, other_fq=a_fq)
+        obj = OperandObjective(a, b, 1, other_fq=a_fq)
+        pb = _search_operand(a, b, 1, ab, sym, method, stats[1], cfg, other_fq=a_fq, objective=obj)
         qb = ActQuant.from_params(unit.inputs[1], pb)
-        return qb, OperandObjective(a, b, 1, other_fq=a_fq)(qb.fake_quant)
+        return qb, obj(qb.fake_quant)
 
     pa = _search_operand(a, b, 0, ab, sym, method, stats[0], cfg)
     qa = ActQuant.from_params(unit.inputs[0], pa)
@@ -364,6 +378,7 @@ class ScaleSearchResult:
     twin_options: Mapping[str, TwinOption] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
 
+@blas_threads_limited
 def search_scales(
     model: onnx.ModelProto,
     analysis: ModelAnalysis,
