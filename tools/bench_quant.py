@@ -242,11 +242,12 @@ def _worker(job: dict, conn: Any) -> None:
     conn.close()
 
 
-def run_isolated(job: dict) -> dict:
-    """Run one quantization job in a fresh (spawned) process; its result dict."""
+def run_isolated(job: dict, worker: Any = None) -> dict:
+    """Run one quantization job in a fresh (spawned) process (``worker(job, conn)``, default
+    this module's); its result dict."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_worker, args=(job, send))
+    p = ctx.Process(target=worker or _worker, args=(job, send))
     p.start()
     send.close()
     try:

@@ -236,17 +236,7 @@ def _worker(job: dict, conn: Any) -> None:
 
 
 def run_isolated(job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_worker, args=(job, send))
-    p.start()
-    send.close()
-    try:
-        res = recv.recv()
-    except EOFError:
-        res = None
-    p.join()
-    return res if res is not None else {"ok": False, "error": f"worker process died (exit code {p.exitcode})"}
+    return bench_quant.run_isolated(job, worker=_worker)
 
 
 def compare_plans(a: Path, b: Path) -> str:

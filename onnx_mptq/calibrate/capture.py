@@ -162,7 +162,19 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-class Reservoir:
+class _StreamSample:
+    """What both stream samplers hold: at most ``capacity`` items, the seeded generator drawing
+    which are kept, and how many items the stream has shown so far."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.rng = rng
+        self.seen = 0
+
+
+class Reservoir(_StreamSample):
     """Uniform sample without replacement of at most ``capacity`` slices along dim 0 of a stream
     of array chunks; several arrays sharing dim 0 are sampled jointly (same slices).
 
@@ -173,11 +185,7 @@ class Reservoir:
     same arrays, drawn with the same random numbers, as concatenating at every chunk)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = int(capacity)
-        self.rng = rng
-        self.seen = 0
+        _StreamSample.__init__(self, capacity, rng)
         self._buf: tuple[np.ndarray, ...] | None = None  # (capacity, ...) per array
         self._order = np.zeros(0, np.int64)  # slot of each logical position
         self._data: tuple[np.ndarray, ...] | None = None  # cached gather
@@ -245,7 +253,7 @@ def _ascending(idx: np.ndarray, n: int) -> np.ndarray:
     return mask
 
 
-class ValueSample:
+class ValueSample(_StreamSample):
     """Uniform sample without replacement of at most ``capacity`` values of a stream of 1-d
     chunks (the percentile fallback of :class:`TensorStats`); the same hypergeometric scheme as
     :class:`Reservoir`, but once full the ``k`` new values overwrite a uniform ``k``-subset of
@@ -253,11 +261,7 @@ class ValueSample:
     the whole sample. The sample's order is not meaningful."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = int(capacity)
-        self.rng = rng
-        self.seen = 0
+        _StreamSample.__init__(self, capacity, rng)
         self.data = np.zeros(0, np.float32)
 
     def add(self, v: np.ndarray) -> None:
