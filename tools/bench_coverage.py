@@ -15,7 +15,7 @@ torchvision), with random weights (seeded):
 2. ``onnx_mptq.graph.analysis.analyze``: units found by role, the analysis notes (what is left in
    float and why);
 3. ``onnx_mptq.pipeline.quantize`` with the default config at W8A8 and at W4A4, calibrated on
-   the first ``--calib`` (32) photos of ``/work/shared/data/imagenet-sample-calib-250`` (sorted
+   the first ``--calib`` (32) photos of ``../shared/data/imagenet-sample-calib-250`` (sorted
    file names) and evaluated on the next ``--eval`` (32) against the FP32 model: SQNR of the
    logits in dB, ``10 log10(sum y^2 / sum (y - y_q)^2)`` over all logits; the time is the wall
    time of the quantization (analysis, SQ-b, capture, search, emission, validation).
