@@ -328,6 +328,25 @@ def test_inner_conv_is_a_unit_with_its_own_quantizer() -> None:
     assert res.validation.sqnr_db > 20.0
 
 
+def test_inner_conv_search_time_quantizer_follows_the_candidate_bits() -> None:
+    """Mixed precision measures an inner conv's activation at each candidate's bits (the image
+    entering the patch embedding stays at quant.input_bits), so lowering it has a cost."""
+    from graphs import random_images
+    from onnx_mptq.calibrate.capture import capture_unit_inputs
+    from onnx_mptq.config import Config, RuntimeConfig
+    from onnx_mptq.evaluate.fakequant import build_param_graph
+    from onnx_mptq.search.mixed import UnitQuantizers
+
+    m = tiny_vit(conv_stem=True)
+    a = analyze(m)
+    cap = capture_unit_inputs(m, a, [{"input": random_images(8, seed=3)}], RuntimeConfig(), tokens_per_layer=64)
+    pg = build_param_graph(m, a)
+    q = UnitQuantizers(a, cap, {w.unit: (w.weight, w.axis) for w in pg.weights}, Config())
+    conv, patch = a.by_role(Role.CONV)[0], a.by_role(Role.PATCH_EMBED)[0]
+    assert [q.acts(conv.name, b)[0].bits for b in (8, 4)] == [8, 4]
+    assert [q.acts(patch.name, b)[0].bits for b in (8, 4)] == [8, 8]
+
+
 def test_grouped_conv_and_constant_input_conv_are_declined_with_reason() -> None:
     m = tiny_vit()
     a0 = analyze(m)

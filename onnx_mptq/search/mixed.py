@@ -307,8 +307,11 @@ class UnitQuantizers:
         grid = dict(grid_size=q.search.grid_size, low=q.search.grid_low, high=q.search.grid_high)
         cap = self.captured[u.name]
         stats = self.captured.operand_stats(u.name)
-        if u.role is Role.PATCH_EMBED or cap.kind is CaptureKind.CONV:
+        if u.role is Role.PATCH_EMBED:  # the image: quant.input_bits, not a candidate
             p = _range_params(stats[0], q.input_bits, sym, ScaleMethod.MINMAX, q.search.percentile)
+            return (ActQuant.from_params(u.inputs[0], p),)
+        if cap.kind is CaptureKind.CONV:  # an inner conv (captured as images): min/max at the candidate bits
+            p = _range_params(stats[0], bits, sym, ScaleMethod.MINMAX, q.search.percentile)
             return (ActQuant.from_params(u.inputs[0], p),)
         if method is not ScaleMethod.OUTPUT_MSE:
             return tuple(ActQuant.from_params(t, _range_params(st, bits, sym, method, q.search.percentile))
