@@ -214,6 +214,26 @@ def peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
+def measure_job(job: dict, run_mptq: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job (``run_mptq(job)`` or ORT's ``quantize_static``) in this process: its result
+    with ``ok``/``error``, wall time and peak RSS (and the RSS before it, ``base_rss_mb``)."""
+    base = peak_rss_mb()
+    out = dict(out or {})
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # ORT's calibrators print progress to stdout
+            out.update(run_mptq(job) if job["kind"] == "mptq" else _run_ort(job))
+        out["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        out["traceback"] = traceback.format_exc()
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["base_rss_mb"] = base
+    return out
+
+
 def _worker(job: dict, conn: Any) -> None:
     import logging
 
@@ -224,20 +244,7 @@ def _worker(job: dict, conn: Any) -> None:
     import onnx_mptq.pipeline  # noqa: F401
 
     logging.disable(logging.WARNING)  # ORT's "please pre-process" warnings
-    base = peak_rss_mb()
-    out: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # ORT's calibrators print progress to stdout
-            out.update(_run_mptq(job) if job["kind"] == "mptq" else _run_ort(job))
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported in the table
-        out["ok"] = False
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
-        out["traceback"] = traceback.format_exc()
-    out["wall_s"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = peak_rss_mb()
-    out["base_rss_mb"] = base
+    out = measure_job(job, _run_mptq)
     conn.send(out)
     conn.close()
 

@@ -34,7 +34,6 @@ run mean anything.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -42,7 +41,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -217,20 +215,7 @@ def _worker(job: dict, conn: Any) -> None:
     import onnx_mptq.pipeline
 
     logging.disable(logging.WARNING)
-    base = bench_quant.peak_rss_mb()
-    out: dict[str, Any] = {"package": str(Path(onnx_mptq.pipeline.__file__).parent)}
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            out.update(_run_mptq(job) if job["kind"] == "mptq" else bench_quant._run_ort(job))
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported in the table
-        out["ok"] = False
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
-        out["traceback"] = traceback.format_exc()
-    out["wall_s"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = bench_quant.peak_rss_mb()
-    out["base_rss_mb"] = base
+    out = bench_quant.measure_job(job, _run_mptq, {"package": str(Path(onnx_mptq.pipeline.__file__).parent)})
     conn.send(out)
     conn.close()
 
