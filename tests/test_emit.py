@@ -470,8 +470,17 @@ def test_shared_tensor_gets_one_qdq_group() -> None:
     q, report = emit(model, plan, analysis)
     # y (read by q, k, v with one quantizer) + q, kt, p, v, o
     assert report.quantize_nodes == 6 == expected_counts(plan, analysis)["QuantizeLinear"]
-    readers = [n.name for n in q.graph.node if any(i.startswith("y/mptq") for i in n.input) and n.op_type == "MatMul"]
+    producer = {o: n for n in q.graph.node for o in n.output}
+
+    def quantized_source(t: str) -> str | None:  # the tensor a DQ (-> Clip) <- Q chain quantizes
+        n = producer.get(t)
+        while n is not None and n.op_type in ("DequantizeLinear", "Clip"):
+            n = producer.get(n.input[0])
+        return n.input[0] if n is not None and n.op_type == "QuantizeLinear" else None
+
+    readers = [n.name for n in q.graph.node if n.op_type == "MatMul" and quantized_source(n.input[0]) == "y"]
     assert sorted(readers) == ["mm_k", "mm_q", "mm_v"]
+    assert len({n.input[0] for n in q.graph.node if n.name in readers}) == 1  # one group, shared
     check_units_against_reference(model, q, plan, analysis, feeds[0], optimize=True)
 
 
