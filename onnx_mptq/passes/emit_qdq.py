@@ -140,6 +140,19 @@ W8A8 2.4 ms (all 37 matmuls integer + 2 QGemm) vs. ``quantize_static`` QDQ 3.6 m
 int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs (split form): 3.2 ms
 (integer Clip) vs. 4.0 ms (float Clip). Current figures: BENCHMARKS.md sections 1 and 3.
 
+Graph form (``emission.graph_form``). The quantized values and the nodes are the same in both
+forms; only names and annotations differ. ``compact`` (the default): an activation's Q/DQ group is
+named ``a<n>`` (the n-th group emitted, so names are deterministic) with abbreviated segments
+(``a3/Q``, ``a3/c`` the clipped codes, ``a3/dq``; table :data:`_SHORT`), a weight keeps its
+descriptive base (``<weight>/mptq_w4/int``, ``/s``, ``/DQ``), every scalar constant and every
+per-channel zero-point vector is one initializer per value, shared (``u8_128``, ``i8_0x384``,
+``f12``), and the model carries no ``value_info`` (shape annotations; ORT infers them at load).
+``verbose``: each group named from the tensor it quantizes (``<tensor>/mptq/QuantizeLinear``), one
+constant per use, and every added tensor typed in ``value_info``. Measured on the real cifar10-vit
+and a timm DeiT-T (BENCHMARKS.md, "Weight storage and file size"): the compact file is smaller, runs
+the same integer kernels and gives bit-identical outputs. The model's own node and tensor names are
+never changed.
+
 Opset >= 13 is required (per-axis DequantizeLinear); the model keeps its opset, graph inputs,
 outputs, node names and metadata, and gains ``metadata_props["onnx_mptq.quantized"]`` (the plan
 digest and versions). A model that already carries it is returned unchanged (emitting is
