@@ -620,7 +620,8 @@ def test_wide_weight_codes_are_exact_on_every_cpu(container: str) -> None:
     assert len(wdq) == 5 == report.uint8_weights and report.weight_container == container
     for n in wdq:
         assert inits[n.input[0]].dtype == np.uint8 and np.all(inits[n.input[2]] == 128)
-    wide = next(inits[n.input[0]] for n in wdq if n.input[0].startswith("W_wide"))
+    mm_wide = next(n for n in q.graph.node if n.name == "mm_wide")
+    wide = next(inits[n.input[0]] for n in wdq if n.output[0] == mm_wide.input[1])
     assert set(np.unique(wide)) == {1, 255}  # codes -127 / +127
     # exact against the numpy reference with ORT's fused integer kernels, whatever this CPU is
     check_units_against_reference(model, q, plan, analysis, feeds, optimize=True)

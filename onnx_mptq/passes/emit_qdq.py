@@ -143,8 +143,9 @@ int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs (sp
 Graph form (``emission.graph_form``). The quantized values and the nodes are the same in both
 forms; only names and annotations differ. ``compact`` (the default): an activation's Q/DQ group is
 named ``a<n>`` (the n-th group emitted, so names are deterministic) with abbreviated segments
-(``a3/Q``, ``a3/c`` the clipped codes, ``a3/dq``; table :data:`_SHORT`), a weight keeps its
-descriptive base (``<weight>/mptq_w4/int``, ``/s``, ``/DQ``), every scalar constant and every
+(``a3/Q``, ``a3/c`` the clipped codes, ``a3/dq``; table :data:`_SHORT`), the n-th weight
+``mptq_w<bits>/<n>`` (``mptq_w4/7/int`` its codes, ``/s``, ``/DQ``; the node reading it keeps its
+name), every scalar constant and every
 per-channel zero-point vector is one initializer per value, shared (``u8_128``, ``i8_0x384``,
 ``f12``), and the model carries no ``value_info`` (shape annotations; ORT infers them at load).
 ``verbose``: each group named from the tensor it quantizes (``<tensor>/mptq/QuantizeLinear``), one
@@ -521,7 +522,7 @@ class _Emitter:
         codes, zero_point = weight_codes(codes, self.options.weight_container)
         if codes.dtype == np.uint8:
             self.added["uint8 weights"] += 1
-        base = f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
+        base = f"mptq_w{wq.bits}/{len(self.weight_dq)}" if self.compact else f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
         dq = self.var(f"{base}/dq", np.float32)
         self.node(
             "DequantizeLinear", f"{base}/DequantizeLinear",
