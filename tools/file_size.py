@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     tables = {str(p): breakdown(onnx.load(str(p))) for p in args.models}
     keys = sorted({k for t in tables.values() for k in t if k != "total"}) + ["total"]
     names = [p.name for p in args.models]
+    if len(set(names)) < len(names):  # the same file name in two folders: show the paths
+        names = [str(p) for p in args.models]
     w = max(len(k) for k in keys)
-    sys.stdout.write(f"{'bytes':<{w}}  " + "  ".join(f"{n:>22}" for n in names) + "\n")
+    sys.stdout.write(f"{'bytes':<{w}}  " + "  ".join(f"{n:>22} " for n in names) + "\n")
     for k in keys:
         cells = []
         for p in args.models:
