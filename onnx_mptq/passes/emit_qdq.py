@@ -145,9 +145,9 @@ forms; only names and annotations differ. ``compact`` (the default): an activati
 named ``a<n>`` (the n-th group emitted, so names are deterministic) with abbreviated segments
 (``a3/Q``, ``a3/c`` the clipped codes, ``a3/dq``; table :data:`_SHORT`), the n-th weight
 ``mptq_w<bits>/<n>`` (``mptq_w4/7/int`` its codes, ``/s``, ``/DQ``; the node reading it keeps its
-name), every scalar constant and every
-per-channel zero-point vector is one initializer per value, shared (``u8_128``, ``i8_0x384``,
-``f12``), and the model carries no ``value_info`` (shape annotations; ORT infers them at load).
+name), every scalar constant and every per-channel zero-point vector is one initializer per value,
+shared (``u8_128``, ``i8_0x384``, ``f12``), and the model carries no ``value_info`` (shape
+annotations; ORT infers them at load).
 ``verbose``: each group named from the tensor it quantizes (``<tensor>/mptq/QuantizeLinear``), one
 constant per use, and every added tensor typed in ``value_info``. Measured on the real cifar10-vit
 and a timm DeiT-T (BENCHMARKS.md, "Weight storage and file size"): the compact file is smaller, runs
