@@ -40,7 +40,7 @@ from .config import (
     leaf_paths,
 )
 from .errors import ConfigError, DataError, MptqError, OutputError, PlanError, UnsupportedModelError
-from .plan import CompensatedWeights, WeightContainer, WeightStorage, weights_path
+from .plan import CompensatedWeights, GraphForm, WeightContainer, WeightStorage, weights_path
 
 log = logging.getLogger("onnx_mptq")
 
@@ -483,7 +483,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _plan_with_flags(plan, args: argparse.Namespace):
     """The plan with the emission flags given on the command line (they override its record)."""
     changes = {}
-    for field, cls in (("weight_container", WeightContainer), ("weight_storage", WeightStorage)):
+    for field, cls in (("weight_container", WeightContainer), ("weight_storage", WeightStorage),
+                       ("graph_form", GraphForm)):
         value = getattr(args, f"quant.emission.{field}", None)
         if value is not None:
             changes[field] = cls(value)
@@ -605,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight codes in the file: auto = int4, two codes a byte, for weights of <= 4 bits where the "
                         f"model is at opset >= 21, else int8; int4 = also convert an older model to opset 21 (recorded "
                         f"in the plan); int8 = one code a byte, any opset (default: {q.emission.weight_storage.value})")
+    g.add_argument("--graph-form", dest="quant.emission.graph_form", choices=[x.value for x in GraphForm], default=None,
+                   help=f"names of the added Q/DQ nodes and tensors: compact = short (a12/Q), shared scalar "
+                        f"constants, no value_info (a smaller file); verbose = spelled out from the quantized tensor, "
+                        f"typed; the same quantized values (default: {q.emission.graph_form.value})")
     c = q.compensate
     g = s.add_argument_group("error compensation (each part kept per layer only where it lowers the layer's output error)")
     on_off = lambda v: "on" if v else "off"  # noqa: E731

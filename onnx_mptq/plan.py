@@ -107,6 +107,13 @@ class WeightStorage(str, enum.Enum):
     INT4 = "int4"  # codes of 4 bits or fewer packed two a byte; converts the model to opset 21 if older
 
 
+class GraphForm(str, enum.Enum):
+    """Names and annotations of what emission adds (passes/emit_qdq.py, "Graph form")."""
+
+    COMPACT = "compact"  # short names, shared scalar / zero-point constants, no value_info for added tensors
+    VERBOSE = "verbose"  # names spelled out from the quantized tensor, one constant per use, typed value_info
+
+
 class RangeForm(str, enum.Enum):
     """How codes are held to a b-bit range narrower than the 8-bit container."""
 
@@ -133,11 +140,13 @@ class Emission:
     # file storage of the codes (passes/pack_int4.py, applied after emission); AUTO is resolved to
     # INT8 or INT4 (with the opset-21 conversion it needs) before emission, and recorded
     weight_storage: WeightStorage = WeightStorage.AUTO
+    # names and annotations of the added nodes / tensors; the quantized values are the same in both
+    graph_form: GraphForm = GraphForm.COMPACT
 
     def __post_init__(self) -> None:
         for f, cls in (("symmetric_container", SymmetricContainer), ("range_form", RangeForm),
                        ("twin_form", TwinForm), ("weight_container", WeightContainer),
-                       ("weight_storage", WeightStorage)):
+                       ("weight_storage", WeightStorage), ("graph_form", GraphForm)):
             object.__setattr__(self, f, _enum(cls, getattr(self, f), f))
 
 

@@ -470,8 +470,17 @@ def test_shared_tensor_gets_one_qdq_group() -> None:
     q, report = emit(model, plan, analysis)
     # y (read by q, k, v with one quantizer) + q, kt, p, v, o
     assert report.quantize_nodes == 6 == expected_counts(plan, analysis)["QuantizeLinear"]
-    readers = [n.name for n in q.graph.node if any(i.startswith("y/mptq") for i in n.input) and n.op_type == "MatMul"]
+    producer = {o: n for n in q.graph.node for o in n.output}
+
+    def quantized_source(t: str) -> str | None:  # the tensor a DQ (-> Clip) <- Q chain quantizes
+        n = producer.get(t)
+        while n is not None and n.op_type in ("DequantizeLinear", "Clip"):
+            n = producer.get(n.input[0])
+        return n.input[0] if n is not None and n.op_type == "QuantizeLinear" else None
+
+    readers = [n.name for n in q.graph.node if n.op_type == "MatMul" and quantized_source(n.input[0]) == "y"]
     assert sorted(readers) == ["mm_k", "mm_q", "mm_v"]
+    assert len({n.input[0] for n in q.graph.node if n.name in readers}) == 1  # one group, shared
     check_units_against_reference(model, q, plan, analysis, feeds[0], optimize=True)
 
 
@@ -611,7 +620,8 @@ def test_wide_weight_codes_are_exact_on_every_cpu(container: str) -> None:
     assert len(wdq) == 5 == report.uint8_weights and report.weight_container == container
     for n in wdq:
         assert inits[n.input[0]].dtype == np.uint8 and np.all(inits[n.input[2]] == 128)
-    wide = next(inits[n.input[0]] for n in wdq if n.input[0].startswith("W_wide"))
+    mm_wide = next(n for n in q.graph.node if n.name == "mm_wide")
+    wide = next(inits[n.input[0]] for n in wdq if n.output[0] == mm_wide.input[1])
     assert set(np.unique(wide)) == {1, 255}  # codes -127 / +127
     # exact against the numpy reference with ORT's fused integer kernels, whatever this CPU is
     check_units_against_reference(model, q, plan, analysis, feeds, optimize=True)
@@ -643,3 +653,65 @@ def test_weight_codes_container_rule() -> None:
     assert U8S8_SAFE_CODE * 255 * 2 < 2 ** 15
     with pytest.raises(PlanError, match="emission.weight_container: 'int4' is not one of auto, int8, uint8"):
         Emission(weight_container="int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# graph form: compact (default) vs verbose names and annotations
+
+
+@pytest.mark.parametrize("twin_form", [TwinForm.AUTO, TwinForm.SPLIT])
+def test_compact_graph_form_is_the_verbose_model_with_fewer_bytes(tmp_path: Path, twin_form: TwinForm) -> None:
+    """The compact form (the default) and the verbose form are one model: same op types, same
+    constant values per node, bit-identical ORT outputs (optimized and not), the same integer
+    kernels; compact keeps every node name of the input, has no value_info, shares each scalar /
+    zero-point value once, and is smaller. Each form re-emits to the same bytes."""
+    from onnx_mptq.plan import GraphForm
+    from onnx_mptq.validate import compare_outputs
+
+    model = tiny_vit(dim=64, mlp=128)
+    analysis = analyze(model)
+    calib = [{"input": random_images(4, seed=1)}]
+    plan = minmax_plan(model, analysis, calib, 4, 4, twin_roles=("fc2", "attn_av"))
+    forms = {}
+    for form in GraphForm:
+        opts = dataclasses.replace(plan.emission, graph_form=form, twin_form=twin_form)
+        q, _ = emit(model, plan, analysis, opts)
+        again, _ = emit(model, plan, analysis, opts)
+        assert again.SerializeToString() == q.SerializeToString(), form
+        forms[form] = q
+    c, v = forms[GraphForm.COMPACT], forms[GraphForm.VERBOSE]
+    assert Counter(n.op_type for n in c.graph.node) == Counter(n.op_type for n in v.graph.node)
+    assert len(v.graph.value_info) > 0 and len(c.graph.value_info) == 0
+    assert {n.name for n in model.graph.node if n.name} <= {n.name for n in c.graph.node}
+
+    def values(m: onnx.ModelProto) -> list[tuple[str, list]]:  # (op, constant inputs as arrays) in node order
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        return [(n.op_type, [inits[i].tobytes() + str(inits[i].dtype).encode() for i in n.input if i in inits])
+                for n in gs_sorted(m)]
+
+    assert values(c) == values(v)
+    own = {t.name for t in model.graph.initializer}
+    scalars = [t for t in c.graph.initializer if not t.dims and t.name not in own]
+    keys = [(t.data_type, numpy_helper.to_array(t).tobytes()) for t in scalars]
+    assert len(keys) == len(set(keys))  # one constant per scalar value emission adds
+    assert sum(1 for t in v.graph.initializer if not t.dims and t.name not in own) > len(scalars)
+    feeds = [{"input": random_images(3, seed=s)} for s in (5, 6)]
+    for optimize in (True, False):
+        assert compare_outputs(v, c, feeds, CPU1, optimize=optimize).max_abs == 0.0
+    tool = _load_tool()
+    kc = tool.count_kernels(save_model(c, tmp_path / "c.onnx"))
+    kv = tool.count_kernels(save_model(v, tmp_path / "v.onnx"))
+    assert kc["integer"] == kv["integer"] and kc["float_ops"] == kv["float_ops"] and sum(kc["integer"].values()) > 0
+    assert (tmp_path / "c.onnx").stat().st_size < (tmp_path / "v.onnx").stat().st_size
+    check_units_against_reference(model, c, plan, analysis, feeds[0], optimize=True)
+    # the plan records the form and a JSON round trip keeps it
+    rt = QuantPlan.from_json(dataclasses.replace(plan, emission=dataclasses.replace(
+        plan.emission, graph_form=GraphForm.VERBOSE)).to_json())
+    assert rt.emission.graph_form is GraphForm.VERBOSE
+
+
+def gs_sorted(m: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes in a name-independent order: by op type, then by the op types feeding them."""
+    prod = {o: n.op_type for n in m.graph.node for o in n.output}
+    return sorted(m.graph.node, key=lambda n: (n.op_type, tuple(prod.get(i, "") for i in n.input),
+                                                tuple(a.SerializeToString() for a in n.attribute)))

@@ -140,6 +140,20 @@ W8A8 2.4 ms (all 37 matmuls integer + 2 QGemm) vs. ``quantize_static`` QDQ 3.6 m
 int8 container 3.9 ms (no matmul fused). W4A4 with twin fc2 / attn_av inputs (split form): 3.2 ms
 (integer Clip) vs. 4.0 ms (float Clip). Current figures: BENCHMARKS.md sections 1 and 3.
 
+Graph form (``emission.graph_form``). The quantized values and the nodes are the same in both
+forms; only names and annotations differ. ``compact`` (the default): an activation's Q/DQ group is
+named ``a<n>`` (the n-th group emitted, so names are deterministic) with abbreviated segments
+(``a3/Q``, ``a3/c`` the clipped codes, ``a3/dq``; table :data:`_SHORT`), the n-th weight
+``mptq_w<bits>/<n>`` (``mptq_w4/7/int`` its codes, ``/s``, ``/DQ``; the node reading it keeps its
+name), every scalar constant and every per-channel zero-point vector is one initializer per value,
+shared (``u8_128``, ``i8_0x384``, ``f12``), and the model carries no ``value_info`` (shape
+annotations; ORT infers them at load).
+``verbose``: each group named from the tensor it quantizes (``<tensor>/mptq/QuantizeLinear``), one
+constant per use, and every added tensor typed in ``value_info``. Measured on the real cifar10-vit
+and a timm DeiT-T (BENCHMARKS.md, "Weight storage and file size"): the compact file is smaller, runs
+the same integer kernels and gives bit-identical outputs. The model's own node and tensor names are
+never changed.
+
 Opset >= 13 is required (per-axis DequantizeLinear); the model keeps its opset, graph inputs,
 outputs, node names and metadata, and gains ``metadata_props["onnx_mptq.quantized"]`` (the plan
 digest and versions). A model that already carries it is returned unchanged (emitting is
@@ -165,8 +179,8 @@ from ..graph.analysis import GraphView, ModelAnalysis, Role, Unit
 from ..graph.io import MIN_OPSET, assign_node_names, graph_digest, opset_of
 from ..numerics.quant import UniformParams, qrange
 from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
-from ..plan import (ActQuant, CompensatedWeights, Emission, LayerPlan, LayerWeight, QuantPlan, RangeForm, Scheme,
-                    SymmetricContainer, TwinForm, WeightContainer, WeightQuant, check_weights, layer_weight,
+from ..plan import (ActQuant, CompensatedWeights, Emission, GraphForm, LayerPlan, LayerWeight, QuantPlan, RangeForm,
+                    Scheme, SymmetricContainer, TwinForm, WeightContainer, WeightQuant, check_weights, layer_weight,
                     rederive_steps)
 from ..records import Record
 from .naming import UniqueNames
@@ -268,6 +282,16 @@ class _Part:
     region: str  # "" for a uniform operand; "softmax_low" / "softmax_high" select a Where output
 
 
+#: the compact form's abbreviation of each name segment the emitter writes (GraphForm.COMPACT)
+_SHORT = {
+    "QuantizeLinear": "Q", "DequantizeLinear": "DQ", "scale": "s", "zero_point": "z", "q_clipped": "c",
+    "code_min": "lo", "code_max": "hi", "clip_min": "lo", "clip_max": "hi", "clipped": "x", "lattice": "L",
+    "region": "R", "scaled": "a", "unscaled": "u", "region_mask": "m", "split": "t", "zero": "0",
+    "Where_low": "W1", "Where_high": "W2", "low": "x1", "high": "x2", "twin": "v",
+}
+_DTYPE_TAG = {"uint8": "u8", "int8": "i8", "float32": "f", "bool": "b"}
+
+
 def _container_range(dtype: str) -> tuple[int, int]:
     return (0, 255) if dtype == "uint8" else (-128, 127)
 
@@ -316,17 +340,46 @@ class _Emitter:
         # tensors on every call: on the model's graph that is quadratic in the model size); they join
         # the model's graph in _export, in the order they were made
         self.built = gs.Graph(opset=graph.opset)
+        self.compact = options.graph_form is GraphForm.COMPACT
+        self.shared: dict[tuple[str, tuple[int, ...], bytes], gs.Constant] = {}
 
     # tensors and nodes ----------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        """A fresh name from ``base``; the compact form abbreviates its segments (:data:`_SHORT`)."""
+        if self.compact:
+            base = "/".join(_SHORT.get(seg, seg) for seg in base.split("/"))
+        return self.name(base)
+
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.name(base), np.asarray(value))
+        """A constant; in the compact form a scalar is one constant per (dtype, value), shared."""
+        value = np.asarray(value)
+        if self.compact and value.ndim == 0:
+            return self.shared_const(value)
+        return gs.Constant(self.fresh(base), value)
+
+    def shared_const(self, value: np.ndarray) -> gs.Constant:
+        """The graph's one constant holding ``value`` (dtype, shape and bytes), named from its value
+        where that is short: ``u8_128``, ``i8_0``, ``u8_128x384`` (384 equal entries), else ``f3``."""
+        value = np.ascontiguousarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        c = self.shared.get(key)
+        if c is None:
+            tag = _DTYPE_TAG.get(value.dtype.name, value.dtype.name)
+            flat = value.reshape(-1)
+            if value.dtype.kind in "iu" and flat.size and np.all(flat == flat[0]):
+                base = f"{tag}_{int(flat[0])}" + (f"x{flat.size}" if value.ndim else "")
+            else:
+                base = f"{tag}{len(self.shared)}"
+            c = self.shared[key] = gs.Constant(self.name(base), value)
+        return c
 
     def var(self, base: str, dtype) -> gs.Variable:
-        return gs.Variable(self.name(base), dtype=dtype)
+        """A new tensor; typed (hence a value_info entry in the file) in the verbose form only."""
+        return gs.Variable(self.fresh(base), dtype=None if self.compact else dtype)
 
     def node(self, op: str, base: str, inputs, outputs, kind: str, **attrs) -> None:
         """Append a node (``Graph.layer``) named uniquely from ``base``; counted as ``kind``."""
-        self.built.layer(op=op, name=self.name(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
+        self.built.layer(op=op, name=self.fresh(base), attrs=attrs, inputs=list(inputs), outputs=list(outputs))
         self.added[kind] += 1
 
     # activations ----------------------------------------------------------------------------
@@ -336,7 +389,7 @@ class _Emitter:
         if key in self.act_q:
             return self.act_q[key]
         k = sum(1 for t, _ in self.act_q if t == tensor.name)
-        base = f"{tensor.name}/mptq{k if k else ''}"
+        base = f"a{len(self.act_q)}" if self.compact else f"{tensor.name}/mptq{k if k else ''}"
         if aq.scheme is Scheme.TWIN and self.options.twin_form is not TwinForm.SPLIT:
             tp = aq.params()
             if lattice_fits(tp):
@@ -469,16 +522,20 @@ class _Emitter:
         codes, zero_point = weight_codes(codes, self.options.weight_container)
         if codes.dtype == np.uint8:
             self.added["uint8 weights"] += 1
-        base = f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
+        base = f"mptq_w{wq.bits}/{len(self.weight_dq)}" if self.compact else f"{unit.weight or w_in.name}/mptq_w{wq.bits}"
         dq = self.var(f"{base}/dq", np.float32)
         self.node(
             "DequantizeLinear", f"{base}/DequantizeLinear",
             [self.const(f"{base}/int", codes), self.const(f"{base}/scale", scales),
-             self.const(f"{base}/zero_point", np.full(scales.shape, zero_point, codes.dtype))],
+             self.zero_points(f"{base}/zero_point", np.full(scales.shape, zero_point, codes.dtype))],
             [dq], "WeightDequantizeLinear", axis=axis,
         )
         self.weight_dq[key] = dq
         return dq
+
+    def zero_points(self, base: str, value: np.ndarray) -> gs.Constant:
+        """A weight's per-channel zero points (all 0 or all 128): shared in the compact form."""
+        return self.shared_const(value) if self.compact else self.const(base, value)
 
     def add_bias(self, unit: Unit, node: gs.Node, delta: np.ndarray) -> None:
         """Add the (N,) bias correction ``delta`` to the unit's output: folded into its constant
@@ -757,6 +814,8 @@ def _export(em: _Emitter, graph: gs.Graph, named: onnx.ModelProto, replaced_weig
     out = onnx.ModelProto()
     out.CopyFrom(named)
     out.graph.CopyFrom(exported.graph)
+    if em.compact:  # shape annotations only (the analysis's and ours): ORT infers them at load
+        del out.graph.value_info[:]
     prop = out.metadata_props.add()
     prop.key, prop.value = MARKER_KEY, marker
     try:
