@@ -403,6 +403,11 @@ class QuantPlan(Record):
         layer name the layer."""
         if isinstance(data, dict) and data.get("kind") == cls.KIND and data.get("schema_version") == 1:
             data = _upgrade_v1(data)
+        if isinstance(data, dict) and data.get("kind") == cls.KIND:
+            # a plan written before emission.graph_form existed was emitted in the verbose form
+            em = data.get("emission")
+            if em is None or (isinstance(em, dict) and "graph_form" not in em):
+                data = {**data, "emission": {**(em or {}), "graph_form": GraphForm.VERBOSE.value}}
         if isinstance(data, dict) and isinstance(data.get("layers"), list):
             for i, raw in enumerate(data["layers"]):
                 name = raw.get("unit") if isinstance(raw, dict) else None

@@ -28,7 +28,7 @@ from onnx_mptq.errors import PlanError
 from onnx_mptq.numerics.quant import dequantized_bounds, params_from_range, qrange
 from onnx_mptq.numerics.twin import TwinParams, fixed_ratio_twin
 from onnx_mptq.passes.simulate import fake_quant_operand, fake_quant_weight
-from onnx_mptq.plan import (ActQuant, Emission, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
+from onnx_mptq.plan import (ActQuant, Emission, GraphForm, QuantPlan, RangeForm, Scheme, SymmetricContainer, TwinForm,
                             WeightContainer, WeightStorage, WeightQuant, rederive_steps)
 
 CPU = RuntimeConfig(providers="cpu")
@@ -278,13 +278,28 @@ def _as_v1(plan: QuantPlan) -> dict:
 
 def test_version_1_documents_are_upgraded(searched) -> None:
     model, plan, _ = searched
-    plan = dataclasses.replace(plan, emission=Emission())  # version 1 emitted with the defaults
+    # version 1 emitted with the defaults of its day, names spelled out (the verbose graph form)
+    plan = dataclasses.replace(plan, emission=Emission(graph_form=GraphForm.VERBOSE))
     v1 = _as_v1(plan)
     assert any("clip_max" in a for lp in v1["layers"] for a in lp["inputs"])
     up = QuantPlan.from_dict(copy.deepcopy(v1))
     assert up == plan and up.to_json() == plan.to_json()
     assert QuantPlan.from_json(json.dumps(v1)).to_dict()["schema_version"] == 2
     assert _emit(model, up).model.SerializeToString() == _emit(model, plan).model.SerializeToString()
+
+
+def test_plans_without_graph_form_re_emit_in_the_verbose_form(searched) -> None:
+    """A plan written before emission.graph_form existed re-emits the bytes it made then."""
+    model, plan, _ = searched
+    assert plan.emission.graph_form is GraphForm.COMPACT  # new plans: the compact default
+    assert _json_round_trip(plan) == plan
+    doc = _doc(plan)
+    del doc["emission"]["graph_form"]
+    old = QuantPlan.from_dict(doc)
+    assert old.emission.graph_form is GraphForm.VERBOSE
+    verbose = dataclasses.replace(plan, emission=dataclasses.replace(plan.emission, graph_form=GraphForm.VERBOSE))
+    assert _emit(model, old).model.SerializeToString() == _emit(model, verbose).model.SerializeToString()
+    assert _emit(model, old).model.SerializeToString() != _emit(model, plan).model.SerializeToString()
 
 
 def test_version_1_contradictions_name_layer_and_field(searched) -> None:
