@@ -40,7 +40,7 @@ from .config import (
     leaf_paths,
 )
 from .errors import ConfigError, DataError, MptqError, OutputError, PlanError, UnsupportedModelError
-from .plan import CompensatedWeights, GraphForm, WeightContainer, WeightStorage, weights_path
+from .plan import CompensatedWeights, ConstantStorage, GraphForm, WeightContainer, WeightStorage, weights_path
 
 log = logging.getLogger("onnx_mptq")
 
@@ -401,6 +401,7 @@ def _smooth_summary(res: Any, out: Path) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .graph.io import load_model, save_model, size_line, write_text_atomic
+    from .passes.constants import constants_line
     from .pipeline import emit_from_plan, quantize, validate_against
 
     inp, out = Path(args.model), Path(args.output)
@@ -460,6 +461,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             lines.append(f"report written to {args.report}")
     if storage is not None:
         lines.append(storage.summary())
+    lines.append(constants_line(qmodel))
     lines.append(size_line(out, inp))
     if result is not None:
         lines.append("time (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items()))
@@ -483,6 +485,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _plan_with_flags(plan, args: argparse.Namespace):
     """The plan with the emission flags given on the command line (they override its record)."""
     changes = {}
+    wanted = getattr(args, "quant.emission.constant_storage", None)
+    if wanted is not None and ConstantStorage(wanted) is not plan.emission.constant_storage:
+        raise PlanError(f"plan: it was made with {plan.emission.constant_storage.value} constants (rounded before "
+                        f"calibration, so fixed by the plan); --constant-storage {wanted} needs a new plan (quantize "
+                        f"without --plan)")
     for field, cls in (("weight_container", WeightContainer), ("weight_storage", WeightStorage),
                        ("graph_form", GraphForm)):
         value = getattr(args, f"quant.emission.{field}", None)
@@ -610,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"names of the added Q/DQ nodes and tensors: compact = short (a12/Q), shared scalar "
                         f"constants, no value_info (a smaller file); verbose = spelled out from the quantized tensor, "
                         f"typed; the same quantized values (default: {q.emission.graph_form.value})")
+    g.add_argument("--constant-storage", dest="quant.emission.constant_storage",
+                   choices=[x.value for x in ConstantStorage], default=None,
+                   help=f"biases, embeddings, LayerNorm and smoothing vectors in the file: float16 = rounded to "
+                        f"float16 values before calibration (the plan is made for them) and stored float16 + Cast, "
+                        f"a smaller file; float32 = the model's own values; fixed by the plan "
+                        f"(default: {q.emission.constant_storage.value})")
     c = q.compensate
     g = s.add_argument_group("error compensation (each part kept per layer only where it lowers the layer's output error)")
     on_off = lambda v: "on" if v else "off"  # noqa: E731

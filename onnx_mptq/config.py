@@ -10,7 +10,7 @@
       quant     w_bits, a_bits, input_bits, act_symmetric
         search    method, percentile, grid_size, grid_low, grid_high             step search
         optm      enabled, max_m, max_bits, lattice, select, subset, z           OPT-m
-        emission  weight_container, weight_storage, graph_form                  the QDQ model
+        emission  weight_container, weight_storage, graph_form, constant_storage the QDQ model
       mixed     enabled, target_bits, target_size_mb, candidates, keep (Pin), subset, metric
       seed
 
@@ -213,7 +213,9 @@ class EmissionConfig(Emission):
     auto = int4 (two codes a byte) for weights of <= 4 bits where the model is at opset >= 21,
     else int8; int4 = also convert an older model to opset 21 (stated and recorded); int8 = never
     pack (passes/pack_int4.py). ``graph_form``: compact (short names, shared constants, no
-    value_info) or verbose names for what emission adds (passes/emit_qdq.py, "Graph form")."""
+    value_info) or verbose names for what emission adds (passes/emit_qdq.py, "Graph form").
+    ``constant_storage``: float16 = round the non-weight float constants to float16 values before
+    calibration and store them float16 + Cast (passes/constants.py); float32 = the model's own."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Emission)

@@ -31,6 +31,7 @@ from .errors import DataError, PlanError
 from .graph.analysis import ModelAnalysis, analyze, prepare
 from .graph.io import graph_digest, load_model, model_file_bytes, opset_of
 from .numerics.search import blas_threads_limited
+from .passes.constants import round_for_storage
 from .plan import CompensatedWeights, QuantPlan, SmoothingPlan
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calib: Any, config: Con
         sres = smooth(source, data, config, analysis=analysis0, prepared=prepared, progress=show)
         work, splan, sreport = sres.model, sres.plan, sres.report
         timings["smooth_s"] = time.perf_counter() - t
-    work = prepare(work)
+    work = round_for_storage(prepare(work), config.quant.emission.constant_storage)  # float16 constants: before calibration
     analysis = analyze(work, prepared=True)
 
     t = time.perf_counter()
@@ -388,7 +389,7 @@ def emit_from_plan(model: onnx.ModelProto | str | os.PathLike, plan: QuantPlan,
     work = prepare(source)
     if plan.smoothing is not None:
         work = apply_smoothing(work, plan.smoothing, analyze(work, prepared=True)).model
-    work = prepare(work)
+    work = round_for_storage(prepare(work), plan.emission.constant_storage)
     digest = graph_digest(work)
     if digest != plan.model_digest:
         raise PlanError(

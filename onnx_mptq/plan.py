@@ -114,6 +114,15 @@ class GraphForm(str, enum.Enum):
     VERBOSE = "verbose"  # names spelled out from the quantized tensor, one constant per use, typed value_info
 
 
+class ConstantStorage(str, enum.Enum):
+    """Storage of the non-weight float constants (biases, embeddings, LayerNorm, smoothing vectors;
+    passes/constants.py). FLOAT16 rounds them to float16 values before calibration (the plan is
+    made for the rounded graph) and stores them as float16 + Cast, exactly."""
+
+    FLOAT32 = "float32"  # the model's own values, float32
+    FLOAT16 = "float16"  # rounded to float16 values before calibration, stored float16 + Cast(to=float)
+
+
 class RangeForm(str, enum.Enum):
     """How codes are held to a b-bit range narrower than the 8-bit container."""
 
@@ -142,11 +151,15 @@ class Emission:
     weight_storage: WeightStorage = WeightStorage.AUTO
     # names and annotations of the added nodes / tensors; the quantized values are the same in both
     graph_form: GraphForm = GraphForm.COMPACT
+    # the non-weight float constants: float16 = rounded before calibration (model_digest is the
+    # rounded graph's), stored float16 + Cast; a plan without the field was made with float32
+    constant_storage: ConstantStorage = ConstantStorage.FLOAT32
 
     def __post_init__(self) -> None:
         for f, cls in (("symmetric_container", SymmetricContainer), ("range_form", RangeForm),
                        ("twin_form", TwinForm), ("weight_container", WeightContainer),
-                       ("weight_storage", WeightStorage), ("graph_form", GraphForm)):
+                       ("weight_storage", WeightStorage), ("graph_form", GraphForm),
+                       ("constant_storage", ConstantStorage)):
             object.__setattr__(self, f, _enum(cls, getattr(self, f), f))
 
 
@@ -408,6 +421,10 @@ class QuantPlan(Record):
             em = data.get("emission")
             if em is None or (isinstance(em, dict) and "graph_form" not in em):
                 data = {**data, "emission": {**(em or {}), "graph_form": GraphForm.VERBOSE.value}}
+            # ... and before emission.constant_storage existed, with float32 constants
+            em = data.get("emission")
+            if isinstance(em, dict) and "constant_storage" not in em:
+                data = {**data, "emission": {**em, "constant_storage": ConstantStorage.FLOAT32.value}}
         if isinstance(data, dict) and isinstance(data.get("layers"), list):
             for i, raw in enumerate(data["layers"]):
                 name = raw.get("unit") if isinstance(raw, dict) else None

@@ -81,7 +81,7 @@ SAMPLE = {
     "smooth.alpha": "0.25", "smooth.shift": "midpoint",
     "quant.w_bits": "4", "quant.a_bits": "6", "quant.search.method": "percentile",
     "quant.optm.max_bits": "5", "quant.optm.select": "layer", "quant.emission.weight_container": "int8", "quant.emission.weight_storage": "int4",
-    "quant.emission.graph_form": "verbose",
+    "quant.emission.graph_form": "verbose", "quant.emission.constant_storage": "float16",
     "mixed.target_bits": "5", "mixed.target_size_mb": "1.5", "mixed.candidates": "4,8", "mixed.keep": "8:*head*",
     "quant.compensate.damp": "0.05", "quant.compensate.ridge": "0.5", "quant.compensate.inputs": "sequential",
 }

@@ -266,3 +266,216 @@ def test_timm_deit_tiny_w4a4_file_is_at_most_55_percent_of_w8a8(tmp_path):
         res = pipeline.quantize(load_model(src), calib, Config(runtime=CPU, quant=q))
         size[b] = save_model(res.model, tmp_path / f"w{b}.onnx").stat().st_size
     assert size[4] <= 0.55 * size[8], size[4] / size[8]
+
+
+# ---------------------------------------------------------------------------------------------
+# float constants as float16 (passes/constants.py): rounded before calibration, stored exactly
+
+
+def _constants_graph() -> onnx.ModelProto:
+    """x (1, 4, 32) -> LayerNorm(gamma, beta) -> + pos -> MatMul(Transpose(Wt)) + b -> Div sqrt ->
+    Mul small -> + big; plus a per-channel DQ (its scale), an int64 shape and an overridable initializer."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {
+        "gamma": f(32), "beta": f(32) * 1e-3, "pos": f(1, 4, 32), "Wt": f(32, 32), "b": f(32),
+        "sqrt": np.float32(2.0), "small": f(8), "big": np.full(32, 1e5, np.float32), "shape": np.array([4, 32], np.int64),
+        "codes": rng.integers(-7, 8, (32, 32)).astype(np.int8), "wscale": np.abs(f(32)) + 0.1, "over": f(32),
+    }
+    n = onnx.helper.make_node
+    nodes = [
+        n("Tile", ["small", "rep"], ["small_b"], name="tile"),
+        n("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+        n("Add", ["ln", "pos"], ["e"], name="add_pos"),
+        n("Transpose", ["Wt"], ["W"], name="tr", perm=[1, 0]),
+        n("MatMul", ["e", "W"], ["mm"], name="mm"),
+        n("Add", ["mm", "b"], ["yb"], name="add_b"),
+        n("Div", ["yb", "sqrt"], ["yd"], name="div"),
+        n("Reshape", ["yd", "shape"], ["yr"], name="rs"),
+        n("Add", ["yr", "big"], ["yg"], name="add_big"),
+        n("DequantizeLinear", ["codes", "wscale"], ["wq"], name="dq", axis=1),
+        n("MatMul", ["yg", "wq"], ["y0"], name="mm2"),
+        n("Add", ["y0", "over"], ["y1"], name="add_over"),
+        n("Mul", ["y1", "small_b"], ["y"], name="mul"),
+    ]
+    inits["rep"] = np.array([4], np.int64)
+    g = onnx.helper.make_graph(
+        nodes, "c", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32]),
+                     onnx.helper.make_tensor_value_info("over", TensorProto.FLOAT, [32])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_which_float_constants_are_rounded_and_which_are_not():
+    from onnx_mptq.passes.constants import float_constants, round_constants, to_float16_values
+
+    model = _constants_graph()
+    onnx.checker.check_model(model)
+    c = float_constants(model)
+    assert c.names == ("gamma", "beta", "pos", "b")  # LayerNorm, embedding, bias; in initializer order
+    why = {d.tensor: d.reason for d in c.declined}
+    assert why == {"Wt": "a weight (MatMul mm input 1)", "big": why["big"], "wscale": "read by DequantizeLinear dq",
+                   "over": "also a graph input"}
+    assert why["big"].startswith("values beyond float16")
+    # scalars, short vectors (< 32 elements: sqrt, small) and integer tensors are not even candidates
+    r = round_constants(model)
+    assert r.rounded == c.names and 0 < r.max_rel_change <= 2.0 ** -11
+    before = {t.name: t for t in model.graph.initializer}
+    for t in r.model.graph.initializer:
+        old = numpy_helper.to_array(before[t.name])
+        if t.name in c.names:
+            new = numpy_helper.to_array(t)
+            assert new.dtype == np.float32 and new.shape == old.shape and not np.array_equal(new, old)
+            np.testing.assert_array_equal(new, old.astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(to_float16_values(old), new)
+        else:
+            assert t.SerializeToString() == before[t.name].SerializeToString()
+    assert list(r.model.graph.node) == list(model.graph.node)  # the graph itself is untouched
+    assert round_constants(r.model).model.SerializeToString() == r.model.SerializeToString()  # twice: a no-op
+    assert model.SerializeToString() == _constants_graph().SerializeToString()  # the input is not mutated
+
+
+def test_store_float16_is_exact_and_keeps_what_is_not_float16():
+    from onnx_mptq.passes.constants import round_constants, store_float16
+
+    rounded = round_constants(_constants_graph()).model
+    # a constant changed after the rounding (a compensated bias b' + delta) is not float16: kept float32
+    for t in rounded.graph.initializer:
+        if t.name == "b":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + np.float32(1e-4), "b"))
+    s = store_float16(rounded)
+    assert s.stored == ("gamma", "beta", "pos") and [k.tensor for k in s.kept] == ["b"]
+    inits = {t.name: t for t in s.model.graph.initializer}
+    casts = [n for n in s.model.graph.node if n.op_type == "Cast"]
+    assert [n.output[0] for n in casts] == list(s.stored)  # the model's own names, produced by the Casts
+    old = {t.name: numpy_helper.to_array(t) for t in rounded.graph.initializer}
+    for n in casts:
+        h = inits[n.input[0]]
+        assert h.data_type == TensorProto.FLOAT16 and n.attribute[0].i == TensorProto.FLOAT
+        np.testing.assert_array_equal(numpy_helper.to_array(h).astype(np.float32), old[n.output[0]])
+    assert s.saved_bytes == 2 * (32 + 32 + 128)
+    assert s.model.ByteSize() < rounded.ByteSize()
+    feeds = [{"x": np.random.default_rng(1).standard_normal((1, 4, 32)).astype(np.float32)}]
+    for optimize in (True, False):
+        assert compare_outputs(rounded, s.model, feeds, CPU, optimize=optimize).max_abs == 0.0
+    assert store_float16(s.model).model.SerializeToString() == s.model.SerializeToString()  # twice: a no-op
+
+
+@pytest.fixture(scope="module")
+def f16_pair(emitted):
+    """The tiny ViT at W4A4 (int4 storage) with float32 and with float16 constants."""
+    model = emitted[0]
+    calib = {"input": random_images(16)}
+    out = {}
+    for cs in ("float32", "float16"):
+        q = QuantConfig(w_bits=4, a_bits=4, emission=EmissionConfig(weight_storage=WeightStorage.INT4, constant_storage=cs))
+        out[cs] = pipeline.quantize(model, calib, Config(runtime=CPU, quant=q))
+    return model, out
+
+
+def _rounded_work(model, plan, rounded: bool = True):
+    """The float graph a float16-constants plan was made on, rebuilt: smoothed, then rounded."""
+    from onnx_mptq.graph.analysis import analyze, prepare
+    from onnx_mptq.passes.constants import round_constants
+    from onnx_mptq.passes.smooth import apply_smoothing
+
+    work = prepare(model)
+    work = prepare(apply_smoothing(work, plan.smoothing, analyze(work, prepared=True)).model)
+    return round_constants(work).model if rounded else work
+
+
+def test_float16_constants_plan_is_exact_for_its_rounded_graph(f16_pair, tmp_path):
+    from onnx_mptq.graph.analysis import analyze
+    from onnx_mptq.graph.io import graph_digest
+    from onnx_mptq.passes.emit_qdq import emit_qdq
+    from onnx_mptq.plan import ConstantStorage
+
+    model, res = f16_pair
+    r16, r32 = res["float16"], res["float32"]
+    plan = r16.plan
+    assert plan.emission.constant_storage is ConstantStorage.FLOAT16
+    assert r32.plan.emission.constant_storage is ConstantStorage.FLOAT32
+    work = _rounded_work(model, plan)
+    assert graph_digest(work) == plan.model_digest  # the plan was made on the rounded graph
+    m = r16.model
+    inits = {t.name: t for t in m.graph.initializer}
+    casts = [n for n in m.graph.node if n.op_type == "Cast" and inits.get(n.input[0]) is not None
+             and inits[n.input[0]].data_type == TensorProto.FLOAT16]
+    assert len(casts) >= 10  # biases, LayerNorms, position embedding, cls token of the tiny ViT
+    work_inits = {t.name: numpy_helper.to_array(t) for t in work.graph.initializer}
+    for n in casts:  # the stored values are the plan's graph's, bit for bit
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[n.input[0]]).astype(np.float32), work_inits[n.output[0]])
+    assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 1
+                and t.dims[0] >= 32 and t.name in work_inits]  # no bias / LayerNorm vector left float32
+    # the same plan written with float32 constants (the rounded graph's values as float32): the same outputs
+    as32 = dataclasses.replace(plan, emission=dataclasses.replace(plan.emission, constant_storage=ConstantStorage.FLOAT32))
+    plain = pack_int4(emit_qdq(work, as32, analyze(work, prepared=True)).model, WeightStorage.INT4).model
+    feeds = [{"input": random_images(8, seed=s)} for s in (5, 6)]
+    for optimize in (True, False):
+        assert compare_outputs(plain, m, feeds, CPU, optimize=optimize).max_abs == 0.0
+    # against its rounded float graph the quantized model errs as the float32-constants one does
+    # against its own graph (the error is the quantization's, not the rounding's): rms within 1.5x
+    def rms_rel(q, f):
+        a, b = make_session(q, CPU).run(feeds[0])[0], make_session(f, CPU).run(feeds[0])[0]
+        return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+    work32 = _rounded_work(model, r32.plan, rounded=False)  # the float32 plan's graph: smoothed, not rounded
+    assert graph_digest(work32) == r32.plan.model_digest
+    e16, e32 = rms_rel(m, work), rms_rel(r32.model, work32)
+    assert e16 < 1.5 * e32 and e32 < 1.5 * e16, (e16, e32)
+    # the integer kernels are the float32-constants file's, and the file is smaller
+    tool = _kernels_tool()
+    p16, p32 = save_model(m, tmp_path / "c16.onnx"), save_model(r32.model, tmp_path / "c32.onnx")
+    k16, k32 = tool.count_kernels(p16), tool.count_kernels(p32)
+    assert k16["integer"] == k32["integer"] and sum(k16["integer"].values()) > 0 and k16["float_ops"] == k32["float_ops"]
+    assert p16.stat().st_size < p32.stat().st_size
+    # validation is against the user's unrounded model
+    assert graph_digest(model) == plan.source_digest
+
+
+def test_float16_constants_plan_round_trip_and_byte_identical_reemission(f16_pair):
+    from onnx_mptq.plan import ConstantStorage
+
+    model, res = f16_pair
+    for cs, r in res.items():
+        doc = json.loads(r.plan.to_json())
+        assert doc["emission"]["constant_storage"] == cs
+        plan = QuantPlan.from_json(r.plan.to_json())
+        assert plan == r.plan
+        assert pipeline.emit_from_plan(model, plan).model.SerializeToString() == r.model.SerializeToString()
+    # a plan written before the field existed was made with float32 constants and re-emits the same bytes
+    doc = json.loads(res["float32"].plan.to_json())
+    del doc["emission"]["constant_storage"]
+    old = QuantPlan.from_dict(doc)
+    assert old.emission.constant_storage is ConstantStorage.FLOAT32
+    assert pipeline.emit_from_plan(model, old).model.SerializeToString() == res["float32"].model.SerializeToString()
+    # a float16 plan edited to float32 no longer matches its graph: refused, not silently re-rounded
+    doc = json.loads(res["float16"].plan.to_json())
+    doc["emission"]["constant_storage"] = "float32"
+    from onnx_mptq.errors import PlanError
+
+    with pytest.raises(PlanError, match="did not reproduce the graph the plan was made for"):
+        pipeline.emit_from_plan(model, QuantPlan.from_dict(doc))
+
+
+def test_cli_constant_storage_flag_summary_and_plan_mismatch(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_vit(dim=64, mlp=128), model)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, input=random_images(16))
+    base = ["quantize", str(model), "--calib", str(calib), "--w-bits", "4", "--a-bits", "4", "--providers", "cpu"]
+    assert main([*base, "-o", str(tmp_path / "q32.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "float constants: float32 (" in text and "--constant-storage float16 halves them" in text
+    plan = tmp_path / "p16.json"
+    assert main([*base, "-o", str(tmp_path / "q16.onnx"), "--constant-storage", "float16", "--plan-out", str(plan)]) == 0
+    text = capsys.readouterr().out
+    assert "stored float16 + Cast (" in text
+    assert (tmp_path / "q16.onnx").stat().st_size < (tmp_path / "q32.onnx").stat().st_size
+    out = tmp_path / "re.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "--plan", str(plan), "--constant-storage", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{plan}: it was made with float16 constants" in err and "needs a new plan" in err and not out.exists()
+    assert main(["quantize", str(model), "-o", str(out), "--plan", str(plan), "--constant-storage", "float16"]) == 0
+    assert out.read_bytes() == (tmp_path / "q16.onnx").read_bytes()

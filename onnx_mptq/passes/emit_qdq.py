@@ -154,6 +154,11 @@ and a timm DeiT-T (BENCHMARKS.md, "Weight storage and file size"): the compact f
 the same integer kernels and gives bit-identical outputs. The model's own node and tensor names are
 never changed.
 
+Float constants (``emission.constant_storage``): with ``float16`` the non-weight float constants
+of the graph emitted from (already rounded to float16 values before calibration, see
+:mod:`onnx_mptq.passes.constants`) are written as float16 initializers + ``Cast(to=float)``, exactly
+(a constant that is not all float16 values, e.g. a compensated bias, stays float32).
+
 Opset >= 13 is required (per-axis DequantizeLinear); the model keeps its opset, graph inputs,
 outputs, node names and metadata, and gains ``metadata_props["onnx_mptq.quantized"]`` (the plan
 digest and versions). A model that already carries it is returned unchanged (emitting is
@@ -182,6 +187,7 @@ from ..numerics.twin import TwinParams, lattice_fits, twin_lattice_range
 from ..plan import (ActQuant, CompensatedWeights, Emission, GraphForm, LayerPlan, LayerWeight, QuantPlan, RangeForm,
                     Scheme, SymmetricContainer, TwinForm, WeightContainer, WeightQuant, check_weights, layer_weight,
                     rederive_steps)
+from ..plan import ConstantStorage
 from ..records import Record
 from .naming import UniqueNames
 
@@ -857,6 +863,12 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, analysis: ModelAnalysis,
         notes.append(_emit_input_quant(em, graph, work.input_quant))
     marker = marker_value(plan)
     out = _export(em, graph, named, replaced_weights, marker)
+    if work.emission.constant_storage is ConstantStorage.FLOAT16:  # passes/constants.py: exact for the plan
+        from .constants import store_float16
+
+        stored_f16 = store_float16(out)
+        out = stored_f16.model
+        notes.append(stored_f16.summary())
 
     counts = em.added
     other = tuple(sorted((k, v) for k, v in counts.items()
